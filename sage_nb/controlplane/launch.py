@@ -1,0 +1,99 @@
+"""A validated launch request: everything checked before anything is created."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+from .errors import BadRequest
+from .ports import validate_port
+from .sizing import validate_model_name
+
+KINDS = ("llm", "embedding")
+DTYPES = ("auto", "half", "float16", "bfloat16", "float", "float32")
+NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$")
+# Flags sage_nb sets itself; an engine may not override them through extra_args.
+MANAGED_FLAGS = ("--model", "--host", "--port", "--api-key", "--served-model-name",
+                 "--tensor-parallel-size", "-tp", "--max-model-len", "--dtype",
+                 "--gpu-memory-utilization", "--uds")
+
+
+def _int(name: str, value, minimum: int) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise BadRequest(f"{name} must be an integer, got {value!r}")
+    if value < minimum:
+        raise BadRequest(f"{name} must be at least {minimum}, got {value}")
+    return value
+
+
+@dataclass
+class LaunchRequest:
+    """The arguments of ``start_engine``, as the REST body, magics and Python share them."""
+
+    model: str
+    kind: str = "llm"
+    name: str | None = None
+    tensor_parallel_size: int = 1
+    gpu_ids: list[int] | None = None
+    port: int | None = None
+    max_model_len: int | None = None
+    dtype: str | None = None
+    gpu_memory_utilization: float | None = None
+    extra_args: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        validate_model_name(self.model)
+        if isinstance(self.model, str) and Path(self.model).expanduser().is_dir():
+            self.model = str(Path(self.model).expanduser().resolve())
+        if self.kind not in KINDS:
+            raise BadRequest(f"unknown kind {self.kind!r}: use 'llm' or 'embedding'")
+        if self.name is not None and (not isinstance(self.name, str) or not NAME.match(self.name)):
+            raise BadRequest(f"invalid engine name {self.name!r}: letters, digits, '.', '_', '-' "
+                             "(at most 64, starting with a letter or digit)")
+        self.tensor_parallel_size = _int("tensor_parallel_size", self.tensor_parallel_size, 1)
+        self.port = validate_port(self.port)
+        self.max_model_len = _int("max_model_len", self.max_model_len, 16)
+        if self.gpu_ids is not None:
+            if not isinstance(self.gpu_ids, (list, tuple)):
+                raise BadRequest("gpu_ids must be a list of GPU indices")
+            self.gpu_ids = [_int("gpu id", g, 0) for g in self.gpu_ids]
+            if len(set(self.gpu_ids)) != len(self.gpu_ids):
+                raise BadRequest(f"gpu_ids has duplicates: {self.gpu_ids}")
+            if self.tensor_parallel_size == 1 and len(self.gpu_ids) > 1:
+                self.tensor_parallel_size = len(self.gpu_ids)
+        if self.dtype is not None and self.dtype not in DTYPES:
+            raise BadRequest(f"unknown dtype {self.dtype!r}: one of {', '.join(DTYPES)}")
+        u = self.gpu_memory_utilization
+        if u is not None and (isinstance(u, bool) or not isinstance(u, (int, float)) or not 0 < u <= 1):
+            raise BadRequest(f"gpu_memory_utilization must be a number in (0, 1], got {u!r}")
+        self.extra_args = self._check_args(self.extra_args)
+
+    @staticmethod
+    def _check_args(args) -> list[str]:
+        if args is None:
+            return []
+        if isinstance(args, str) or not isinstance(args, (list, tuple)):
+            raise BadRequest("extra_args must be a list of strings")
+        for a in args:
+            if not isinstance(a, str) or "\x00" in a:
+                raise BadRequest(f"extra_args holds an invalid argument {a!r}")
+            flag = a.split("=", 1)[0]
+            if flag in MANAGED_FLAGS:
+                raise BadRequest(f"{flag} is set by sage_nb; use the matching start option instead")
+        return list(args)
+
+    @classmethod
+    def from_body(cls, body) -> LaunchRequest:
+        """Build from a JSON body; unknown keys and wrong types are a :class:`BadRequest`."""
+        if not isinstance(body, dict):
+            raise BadRequest("the request body must be a JSON object")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(body) - known)
+        if unknown:
+            raise BadRequest(f"unknown field(s): {', '.join(unknown)}")
+        if "model" not in body:
+            raise BadRequest("'model' is required")
+        return cls(**body)

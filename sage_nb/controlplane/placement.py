@@ -1,0 +1,95 @@
+"""GPU selection: live free memory minus bookings NVML cannot see yet, best fit for N GPUs.
+
+This is the one selection path for every caller (server, kernel, REST, magics).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from .errors import BadRequest, Conflict
+from .gpus import GpuDevice
+
+
+@dataclass
+class GpuView:
+    """A GPU with what sage_nb has booked on it."""
+
+    device: GpuDevice
+    booked_mib: int = 0        # all bookings of sage_nb engines on this GPU
+    outstanding_mib: int = 0   # the part of them NVML does not show as used yet
+
+    @property
+    def available_mib(self) -> int:
+        return max(0, self.device.free_mib - self.outstanding_mib)
+
+    def to_model(self) -> dict:
+        d = self.device
+        return {"index": d.index, "uuid": d.uuid, "name": d.name, "total_mib": d.total_mib,
+                "used_mib": d.used_mib, "free_mib": d.free_mib, "booked_mib": self.booked_mib,
+                "available_mib": self.available_mib, "utilization": d.utilization}
+
+
+def gpu_views(devices: Iterable[GpuDevice], bookings: Iterable[tuple[str, int, str, int]],
+              engine_pids: dict[str, set[int]]) -> list[GpuView]:
+    """Combine live readings with the booking ledger.
+
+    A booking is *outstanding* by what the engine's processes do not yet use on
+    that GPU according to NVML; a fake inventory reports no processes, so there
+    every booking counts in full.
+    """
+    views = {d.uuid: GpuView(d) for d in devices}
+    for engine_id, _index, uuid, mib in bookings:
+        view = views.get(uuid)
+        if view is None:
+            continue
+        pids = engine_pids.get(engine_id, set())
+        visible = sum(view.device.process_mib.get(pid, 0) for pid in pids)
+        view.booked_mib += mib
+        view.outstanding_mib += max(0, mib - visible)
+    return list(views.values())
+
+
+def describe(views: list[GpuView]) -> str:
+    return ", ".join(f"GPU{v.device.index} {v.available_mib} MiB" for v in views) or "no GPUs"
+
+
+def choose_gpus(views: list[GpuView], need_mib: int, count: int,
+                gpu_ids: list[int] | None = None, what: str = "the engine") -> list[GpuView]:
+    """Pick ``count`` GPUs with at least ``need_mib`` available each, tightest fit first.
+
+    Raises :class:`Conflict` with the numbers (needed, free per GPU) when nothing fits.
+    """
+    if count < 1:
+        raise BadRequest("tensor_parallel_size must be at least 1")
+    candidates = views
+    if gpu_ids is not None:
+        by_index = {v.device.index: v for v in views}
+        unknown = [i for i in gpu_ids if i not in by_index]
+        if unknown:
+            raise BadRequest(f"unknown GPU id(s) {unknown}; this machine has "
+                             f"{sorted(by_index) or 'no GPUs'}")
+        if len(gpu_ids) != count:
+            raise BadRequest(f"gpu_ids names {len(gpu_ids)} GPU(s) but tensor_parallel_size is {count}")
+        candidates = [by_index[i] for i in gpu_ids]
+    if len(views) < count:
+        raise Conflict(f"{what} needs {count} GPU(s) but this machine has {len(views)}")
+    fitting = sorted((v for v in candidates if v.available_mib >= need_mib),
+                     key=lambda v: (v.available_mib, v.device.index))
+    if len(fitting) < count:
+        raise Conflict(f"no GPU has room for {what}: needs {need_mib} MiB on each of {count} "
+                       f"GPU(s); free: {describe(candidates)}")
+    return sorted(fitting[:count], key=lambda v: v.device.index)
+
+
+def best_available(views: list[GpuView], count: int, gpu_ids: list[int] | None = None) -> int:
+    """The most memory that ``count`` GPUs can each offer (for shrinking ``max_model_len``)."""
+    pool = [v for v in views if gpu_ids is None or v.device.index in gpu_ids]
+    avail = sorted((v.available_mib for v in pool), reverse=True)
+    return avail[count - 1] if len(avail) >= count else 0
+
+
+def memory_utilization(need_mib: int, total_mib: int) -> float:
+    """``--gpu-memory-utilization`` so vLLM takes about ``need_mib`` and its free-memory check passes."""
+    return max(0.01, min(0.98, round(need_mib / total_mib, 4)))

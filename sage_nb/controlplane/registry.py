@@ -1,0 +1,241 @@
+"""The one registry: engines, port leases and GPU bookings in SQLite (WAL).
+
+Every process of the user (the Jupyter server and each kernel) opens the same
+file; each change runs in one ``BEGIN IMMEDIATE`` transaction, so two processes
+can never lease the same port or book the same GPU memory.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+from .errors import NotFound
+from .state import EngineState, check_transition
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS engines (
+    id TEXT PRIMARY KEY,
+    name TEXT NOT NULL UNIQUE,
+    data TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS port_leases (
+    port INTEGER PRIMARY KEY,
+    engine_id TEXT NOT NULL,
+    leased_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS gpu_bookings (
+    engine_id TEXT NOT NULL,
+    gpu_index INTEGER NOT NULL,
+    gpu_uuid TEXT NOT NULL,
+    mib INTEGER NOT NULL,
+    PRIMARY KEY (engine_id, gpu_uuid)
+);
+"""
+
+# Fields of the engine record that are never shown outside the control plane.
+PRIVATE_FIELDS = frozenset({"api_key", "create_time", "health_failures", "launch_env"})
+
+
+@dataclass
+class Engine:
+    """One engine record. :meth:`to_model` is the public JSON model (no secrets)."""
+
+    id: str
+    name: str
+    model: str
+    served_model_name: str
+    kind: str
+    state: str = EngineState.STARTING.value
+    pid: int | None = None
+    create_time: float | None = None
+    port: int | None = None
+    host: str = "127.0.0.1"
+    api_key: str = ""
+    gpu_ids: list[int] = field(default_factory=list)
+    booked_mib: int = 0
+    device: str = "cpu"
+    tensor_parallel_size: int = 1
+    max_model_len: int | None = None
+    gpu_memory_utilization: float | None = None
+    dtype: str | None = None
+    extra_args: list[str] = field(default_factory=list)
+    adopted: bool = False
+    note: str | None = None
+    created_at: float = field(default_factory=time.time)
+    ready_at: float | None = None
+    stopped_at: float | None = None
+    error: str | None = None
+    log_path: str | None = None
+    health_failures: int = 0
+    launch_env: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def base_url(self) -> str:
+        return f"http://{self.host}:{self.port}/v1"
+
+    def to_model(self) -> dict:
+        model = {k: v for k, v in asdict(self).items() if k not in PRIVATE_FIELDS}
+        model["base_url"] = self.base_url if self.port else None
+        return model
+
+    @classmethod
+    def from_json(cls, text: str) -> Engine:
+        data = json.loads(text)
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self))
+
+
+class Txn:
+    """Operations inside one write transaction (see :meth:`Registry.transaction`)."""
+
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self.conn = conn
+
+    # engines -------------------------------------------------------------
+    def engines(self) -> list[Engine]:
+        rows = self.conn.execute("SELECT data FROM engines ORDER BY rowid").fetchall()
+        return [Engine.from_json(r[0]) for r in rows]
+
+    def get(self, engine_id: str) -> Engine:
+        row = self.conn.execute("SELECT data FROM engines WHERE id = ?", (engine_id,)).fetchone()
+        if row is None:
+            raise NotFound(f"no engine with id {engine_id!r}")
+        return Engine.from_json(row[0])
+
+    def find(self, id_or_name: str) -> Engine:
+        row = self.conn.execute(
+            "SELECT data FROM engines WHERE id = ? OR name = ? ORDER BY id = ? DESC LIMIT 1",
+            (id_or_name, id_or_name, id_or_name)).fetchone()
+        if row is None:
+            raise NotFound(f"no engine with id or name {id_or_name!r}")
+        return Engine.from_json(row[0])
+
+    def name_taken(self, name: str) -> bool:
+        return self.conn.execute("SELECT 1 FROM engines WHERE name = ?", (name,)).fetchone() is not None
+
+    def insert(self, engine: Engine) -> None:
+        self.conn.execute("INSERT INTO engines (id, name, data) VALUES (?, ?, ?)",
+                          (engine.id, engine.name, engine.to_json()))
+
+    def save(self, engine: Engine) -> None:
+        self.conn.execute("UPDATE engines SET name = ?, data = ? WHERE id = ?",
+                          (engine.name, engine.to_json(), engine.id))
+
+    def update(self, engine_id: str, **changes) -> Engine:
+        engine = self.get(engine_id)
+        if "state" in changes:
+            changes["state"] = check_transition(engine.state, changes["state"]).value
+        for key, value in changes.items():
+            setattr(engine, key, value)
+        self.save(engine)
+        return engine
+
+    def delete(self, engine_id: str) -> None:
+        self.conn.execute("DELETE FROM engines WHERE id = ?", (engine_id,))
+
+    # port leases ---------------------------------------------------------
+    def leases(self) -> dict[int, str]:
+        return dict(self.conn.execute("SELECT port, engine_id FROM port_leases").fetchall())
+
+    def lease_port(self, port: int, engine_id: str) -> None:
+        self.conn.execute("INSERT INTO port_leases (port, engine_id, leased_at) VALUES (?, ?, ?)",
+                          (port, engine_id, time.time()))
+
+    def release_ports(self, engine_id: str) -> None:
+        self.conn.execute("DELETE FROM port_leases WHERE engine_id = ?", (engine_id,))
+
+    # GPU bookings --------------------------------------------------------
+    def bookings(self) -> list[tuple[str, int, str, int]]:
+        """Rows of ``(engine_id, gpu_index, gpu_uuid, mib)``."""
+        return self.conn.execute(
+            "SELECT engine_id, gpu_index, gpu_uuid, mib FROM gpu_bookings").fetchall()
+
+    def book(self, engine_id: str, gpu_index: int, gpu_uuid: str, mib: int) -> None:
+        self.conn.execute(
+            "INSERT INTO gpu_bookings (engine_id, gpu_index, gpu_uuid, mib) VALUES (?, ?, ?, ?)",
+            (engine_id, gpu_index, gpu_uuid, mib))
+
+    def release_bookings(self, engine_id: str) -> None:
+        self.conn.execute("DELETE FROM gpu_bookings WHERE engine_id = ?", (engine_id,))
+
+    def release_all(self, engine_id: str) -> None:
+        """Free the port lease and GPU booking of an engine."""
+        self.release_ports(engine_id)
+        self.release_bookings(engine_id)
+
+
+class Registry:
+    """The SQLite registry shared by every process of the user."""
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = Path(path)
+        self._local = threading.local()
+        self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self._conn().executescript(SCHEMA)
+        os.chmod(self.path, 0o600)
+
+    def _conn(self) -> sqlite3.Connection:
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            old = os.umask(0o077)
+            try:
+                conn = sqlite3.connect(self.path, timeout=30.0, isolation_level=None)
+            finally:
+                os.umask(old)
+            conn.execute("PRAGMA busy_timeout=30000")
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=NORMAL")
+            self._local.conn = conn
+        return conn
+
+    @contextmanager
+    def transaction(self) -> Iterator[Txn]:
+        """One write transaction: all or nothing, exclusive against other writers."""
+        conn = self._conn()
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield Txn(conn)
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        conn.execute("COMMIT")
+
+    @contextmanager
+    def snapshot(self) -> Iterator[Txn]:
+        """A consistent read-only view (a deferred transaction)."""
+        conn = self._conn()
+        conn.execute("BEGIN")
+        try:
+            yield Txn(conn)
+        finally:
+            conn.execute("COMMIT")
+
+    # Convenience reads ------------------------------------------------------
+    def engines(self) -> list[Engine]:
+        with self.snapshot() as txn:
+            return txn.engines()
+
+    def find(self, id_or_name: str) -> Engine:
+        with self.snapshot() as txn:
+            return txn.find(id_or_name)
+
+    def update(self, engine_id: str, **changes) -> Engine:
+        with self.transaction() as txn:
+            return txn.update(engine_id, **changes)
+
+    def close(self) -> None:
+        conn = getattr(self._local, "conn", None)
+        if conn is not None:
+            conn.close()
+            self._local.conn = None

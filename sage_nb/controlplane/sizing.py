@@ -1,0 +1,169 @@
+"""Model sizing: how much GPU memory an engine needs, from ``config.json`` and weight files.
+
+need per GPU = weights / tp + KV cache(max_model_len) / tp + overhead, where the
+KV cache per token is ``layers × kv_heads × head_dim × 2 (K and V) × dtype bytes``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import BadRequest
+
+MIB = 1024 * 1024
+OVERHEAD_MIB = 1024          # activations, CUDA graphs, sampler buffers
+CUDA_CONTEXT_MIB = 512       # the engine's CUDA context, taken before vLLM's own free-memory check
+BLOCK = 16                   # vLLM's KV block size: max_model_len is rounded down to it
+MIN_MODEL_LEN = 256
+
+DTYPE_BYTES = {"float16": 2, "half": 2, "bfloat16": 2, "float32": 4, "float": 4,
+               "fp8": 1, "float8": 1, "int8": 1}
+HF_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*(/[A-Za-z0-9][A-Za-z0-9_.\-]*)?$")
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
+
+
+@dataclass
+class ModelSpec:
+    """What sizing needs to know of a model."""
+
+    source: str                 # local directory it was read from
+    weights_bytes: int
+    weights_dtype_bytes: int
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    max_position_embeddings: int | None
+    architectures: list[str]
+
+    def dtype_bytes(self, dtype: str | None) -> int:
+        """Bytes per value the engine computes in (vLLM's ``auto`` runs fp32 models in fp16)."""
+        if dtype and dtype != "auto":
+            return DTYPE_BYTES.get(dtype, 2)
+        return min(self.weights_dtype_bytes, 2)
+
+    def kv_bytes_per_token(self, dtype: str | None = None) -> int:
+        return self.num_layers * self.num_kv_heads * self.head_dim * 2 * self.dtype_bytes(dtype)
+
+    def weights_mib(self, dtype: str | None = None) -> int:
+        scale = self.dtype_bytes(dtype) / self.weights_dtype_bytes
+        return int(self.weights_bytes * scale) // MIB + 1
+
+    def need_mib(self, max_model_len: int, tp: int = 1, dtype: str | None = None) -> int:
+        """MiB needed on each of ``tp`` GPUs, CUDA context included."""
+        kv_mib = self.kv_bytes_per_token(dtype) * max_model_len / MIB
+        return int((self.weights_mib(dtype) + kv_mib) / tp) + OVERHEAD_MIB + CUDA_CONTEXT_MIB
+
+    def max_len_fitting(self, available_mib: int, tp: int = 1, dtype: str | None = None) -> int:
+        """The largest ``max_model_len`` (a multiple of the block size) that fits, or 0."""
+        budget_mib = (available_mib - OVERHEAD_MIB - CUDA_CONTEXT_MIB) * tp - self.weights_mib(dtype)
+        if budget_mib <= 0:
+            return 0
+        tokens = int(budget_mib * MIB // self.kv_bytes_per_token(dtype))
+        tokens = tokens // BLOCK * BLOCK
+        if self.max_position_embeddings:
+            tokens = min(tokens, self.max_position_embeddings)
+        return tokens
+
+
+def validate_model_name(model: str) -> None:
+    """Refuse what is neither an existing directory nor a Hugging Face model id."""
+    if not isinstance(model, str) or not model.strip():
+        raise BadRequest("model is required: a local model directory or a Hugging Face model id")
+    path = Path(model).expanduser()
+    looks_like_path = model.startswith(("/", "./", "../", "~")) or model.count("/") > 1
+    if path.is_dir():
+        return
+    if looks_like_path or path.exists():
+        raise BadRequest(f"model path {model!r} does not exist or is not a directory")
+    if not HF_ID.match(model):
+        raise BadRequest(f"model {model!r} is neither an existing directory nor a valid "
+                         "Hugging Face model id (org/name)")
+
+
+def local_model_dir(model: str) -> Path | None:
+    """The local directory of ``model``: the path itself, or its Hugging Face cache snapshot."""
+    path = Path(model).expanduser()
+    if path.is_dir():
+        return path
+    if not HF_ID.match(model) or "/" not in model:
+        return None
+    hub = os.environ.get("HF_HUB_CACHE") or os.path.join(
+        os.environ.get("HF_HOME", os.path.expanduser("~/.cache/huggingface")), "hub")
+    repo = Path(hub) / ("models--" + model.replace("/", "--"))
+    ref = repo / "refs" / "main"
+    if ref.is_file():
+        snap = repo / "snapshots" / ref.read_text().strip()
+        if (snap / "config.json").exists():
+            return snap
+    snaps = sorted((repo / "snapshots").glob("*/config.json"), key=lambda p: p.stat().st_mtime)
+    return snaps[-1].parent if snaps else None
+
+
+def _text_config(config: dict) -> dict:
+    for key in ("text_config", "llm_config", "language_config"):
+        if isinstance(config.get(key), dict):
+            return {**config, **config[key]}
+    return config
+
+
+def spec_from_config(config: dict, weights_bytes: int, source: str) -> ModelSpec:
+    """Build a :class:`ModelSpec` from a parsed ``config.json``."""
+    cfg = _text_config(config)
+    try:
+        layers = int(cfg.get("num_hidden_layers") or cfg["n_layer"])
+        heads = int(cfg.get("num_attention_heads") or cfg["n_head"])
+        hidden = int(cfg.get("hidden_size") or cfg["n_embd"])
+    except (KeyError, TypeError, ValueError):
+        raise BadRequest(f"{source}/config.json lacks num_hidden_layers, num_attention_heads "
+                         "or hidden_size; cannot size the model") from None
+    kv_heads = int(cfg.get("num_key_value_heads") or heads)
+    head_dim = int(cfg.get("head_dim") or hidden // heads)
+    dtype = str(cfg.get("torch_dtype") or cfg.get("dtype") or "float16").replace("torch.", "")
+    if not weights_bytes:  # no weight files: estimate parameters from the shape
+        vocab = int(cfg.get("vocab_size") or 32000)
+        inter = int(cfg.get("intermediate_size") or 4 * hidden)
+        params = layers * (4 * hidden * hidden + 3 * hidden * inter) + 2 * vocab * hidden
+        weights_bytes = params * DTYPE_BYTES.get(dtype, 2)
+    mpe = cfg.get("max_position_embeddings") or cfg.get("n_positions")
+    return ModelSpec(source=source, weights_bytes=weights_bytes,
+                     weights_dtype_bytes=DTYPE_BYTES.get(dtype, 2), num_layers=layers,
+                     num_kv_heads=kv_heads, head_dim=head_dim,
+                     max_position_embeddings=int(mpe) if mpe else None,
+                     architectures=list(cfg.get("architectures") or []))
+
+
+def inspect_model(model: str) -> ModelSpec | None:
+    """Size a model found on this machine; ``None`` when it is not available locally."""
+    directory = local_model_dir(model)
+    if directory is None or not (directory / "config.json").is_file():
+        return None
+    try:
+        config = json.loads((directory / "config.json").read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise BadRequest(f"cannot read {directory}/config.json: {e}") from None
+    files = [p for p in directory.iterdir() if p.suffix in WEIGHT_SUFFIXES and p.is_file()]
+    safetensors = [p for p in files if p.suffix == ".safetensors"]
+    weights = sum(p.stat().st_size for p in (safetensors or files))
+    return spec_from_config(config, weights, str(directory))
+
+
+def inspect_hub_model(model: str, timeout: float = 20.0) -> ModelSpec | None:
+    """Size a Hugging Face model from the hub's metadata (config and file sizes); None if unreachable."""
+    if not HF_ID.match(model) or "/" not in model:
+        return None
+    try:
+        from huggingface_hub import HfApi, hf_hub_download
+
+        config_path = hf_hub_download(model, "config.json", etag_timeout=timeout)
+        info = HfApi().model_info(model, files_metadata=True, timeout=timeout)
+        sizes = {s.rfilename: s.size or 0 for s in info.siblings or []}
+    except Exception:
+        return None
+    weights = sum(v for k, v in sizes.items() if k.endswith(".safetensors")) or sum(
+        v for k, v in sizes.items() if k.endswith(WEIGHT_SUFFIXES))
+    config = json.loads(Path(config_path).read_text())
+    return spec_from_config(config, weights, model)

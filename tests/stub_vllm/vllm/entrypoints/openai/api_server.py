@@ -1,0 +1,53 @@
+"""A lightweight stand-in for vLLM's OpenAI server, for control-plane tests only.
+
+It takes vLLM's command line, needs its ``VLLM_API_KEY`` and answers ``/health``,
+``/v1/models`` and ``/openapi.json``, so port, booking and state logic can be
+exercised with many engines at once. End-to-end tests use the real vLLM.
+"""
+
+import argparse
+import json
+import os
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+parser = argparse.ArgumentParser()
+parser.add_argument("--model")
+parser.add_argument("--host", default="0.0.0.0")
+parser.add_argument("--port", type=int, default=8000)
+parser.add_argument("--served-model-name", nargs="+")
+parser.add_argument("--runner")
+args, _ = parser.parse_known_args()
+KEY = os.environ.get("VLLM_API_KEY")
+SERVED = (args.served_model_name or [args.model])[0]
+POOLING = args.runner == "pooling"
+time.sleep(float(os.environ.get("STUB_STARTUP_DELAY", "0")))
+
+
+class Handler(BaseHTTPRequestHandler):
+    def log_message(self, *a):
+        pass
+
+    def _send(self, status, body):
+        data = json.dumps(body).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def do_GET(self):
+        if self.path == "/health":
+            return self._send(200, {})
+        if self.path == "/openapi.json":
+            route = "/v1/embeddings" if POOLING else "/v1/chat/completions"
+            return self._send(200, {"paths": {route: {}, "/v1/models": {}}})
+        if KEY and self.headers.get("Authorization") != f"Bearer {KEY}":
+            return self._send(401, {"error": "Unauthorized"})
+        if self.path == "/v1/models":
+            return self._send(200, {"object": "list", "data": [{"id": SERVED, "object": "model"}]})
+        return self._send(404, {"detail": "Not Found"})
+
+
+print(f"stub engine {SERVED} on {args.host}:{args.port}", flush=True)
+ThreadingHTTPServer((args.host, args.port), Handler).serve_forever()
