@@ -91,3 +91,7 @@ def minilm() -> Path:
     from sage_nb.tinymodel import minilm_path
 
     return minilm_path()
+
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing in the suite may reach a model hub
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
