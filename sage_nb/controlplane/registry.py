@@ -7,6 +7,7 @@ can never lease the same port or book the same GPU memory.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import sqlite3
@@ -182,8 +183,18 @@ class Registry:
         self.path = Path(path)
         self._local = threading.local()
         self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        self._conn().executescript(SCHEMA)
-        os.chmod(self.path, 0o600)
+        # Switching to WAL takes an exclusive lock that does not wait on busy peers, so the
+        # processes that open the registry for the first time do it one after another.
+        fd = os.open(self.path.with_name(self.path.name + ".lock"), os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            conn = self._conn()
+            if conn.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
+                conn.execute("PRAGMA journal_mode=WAL")
+            conn.executescript(SCHEMA)
+            os.chmod(self.path, 0o600)
+        finally:
+            os.close(fd)
 
     def _conn(self) -> sqlite3.Connection:
         conn = getattr(self._local, "conn", None)
@@ -194,7 +205,6 @@ class Registry:
             finally:
                 os.umask(old)
             conn.execute("PRAGMA busy_timeout=30000")
-            conn.execute("PRAGMA journal_mode=WAL")
             conn.execute("PRAGMA synchronous=NORMAL")
             self._local.conn = conn
         return conn

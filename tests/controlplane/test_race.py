@@ -35,11 +35,13 @@ def test_two_processes_race_for_ports_and_gpus(state_dir, model_dir):
     go = str(time.time() + 2.0)
     procs = [subprocess.Popen([sys.executable, "-c", WORKER, str(state_dir), model, json.dumps(GPUS),
                                STUB_PATH, go], stdout=subprocess.PIPE, text=True) for _ in range(2)]
-    results = [json.loads(p.communicate(timeout=120)[0]) for p in procs]
-    started = [r for rs in results for r in rs if "id" in r]
-    refused = [r for rs in results for r in rs if "refused" in r]
     cp = ControlPlane(state_dir=state_dir, monitor=False, fake_gpus=GPUS)
     try:
+        outputs = [p.communicate(timeout=120)[0] for p in procs]
+        assert all(p.returncode == 0 for p in procs), outputs
+        results = [json.loads(out) for out in outputs]
+        started = [r for rs in results for r in rs if "id" in r]
+        refused = [r for rs in results for r in rs if "refused" in r]
         assert len(started) == 4 and len(refused) == 4, results
         assert all("no GPU has room" in r["refused"] for r in refused)
         ports = [r["port"] for r in started]

@@ -100,14 +100,18 @@ def test_restart_rediscovers_same_ids_and_adopts_the_hand_started(world):
     world["cp2"] = again
     report = again.discover()
     assert set(report["reattached"]) == {world["llm"]["id"], world["emb"]["id"]}
-    assert len(report["adopted"]) == 1 and report["failed"] == []
-    adopted = again.engine(report["adopted"][0])
+    assert report["failed"] == []
+    # other vLLM servers of this user would be adopted too; ours is the hand-started one
+    hand = [e for e in again.engines() if e["pid"] == world["hand"].pid]
+    assert len(hand) == 1 and hand[0]["id"] in report["adopted"]
+    adopted = hand[0]
     assert adopted["adopted"] and adopted["kind"] == "llm" and adopted["state"] == "ready"
     assert adopted["port"] == world["hand_port"] and adopted["pid"] == world["hand"].pid
     assert again.api_key(adopted["id"]) == HAND_KEY
     kinds = {e["id"]: e["kind"] for e in again.engines()}
     assert kinds[world["llm"]["id"]] == "llm" and kinds[world["emb"]["id"]] == "embedding"
-    assert again.discover()["adopted"] == [] and len(again.engines()) == 3  # never twice
+    count = len(again.engines())
+    assert again.discover()["adopted"] == [] and len(again.engines()) == count  # never twice
     world["adopted"] = adopted
 
 
@@ -143,8 +147,8 @@ def test_stop_frees_port_and_process_tree(world, tiny_llama):
     assert new["port"] == llm["port"]
     assert cp.stop_engine(new["id"])["state"] == "stopped"
     assert cp.stop_engine(world["emb"]["id"])["state"] == "stopped"
-    assert sorted(cp.prune()) == sorted([llm["id"], new["id"], world["emb"]["id"]])
-    assert cp.engines() == []
+    assert {llm["id"], new["id"], world["emb"]["id"]} <= set(cp.prune())
+    assert not [e for e in cp.engines() if e["id"] in (llm["id"], new["id"], world["emb"]["id"])]
 
 
 def test_busy_gpu_goes_to_the_empty_one(tmp_path, model_dir):
