@@ -14,7 +14,6 @@ pip() {  # quiet pip; this machine's pip config adds a warning per package for a
 install() {
     local extra=$1
     [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
-    pip install --upgrade pip
     if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
         echo "sage_nb: NVIDIA GPU found: installing the CUDA vLLM (gpu extra)"
         pip install -e ".[gpu${extra}]"
