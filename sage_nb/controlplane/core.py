@@ -22,7 +22,7 @@ from .launch import LaunchRequest
 from .registry import Engine, Registry, Txn
 from .settings import Settings
 from .sizing import CUDA_CONTEXT_MIB, MIN_MODEL_LEN, ModelSpec, inspect_hub_model, inspect_model
-from .state import ENDED, LIVE, EngineState
+from .state import ENDED, EngineState
 
 S = EngineState
 
@@ -265,18 +265,22 @@ class ControlPlane:
                     txn.release_all(eid)
         return removed
 
-    def fail(self, engine_id: str, error: str, expect=LIVE) -> bool:
-        """Mark a live engine ``failed``, kill what is left of it and release what it held."""
-        with self.registry.transaction() as txn:
-            engine = txn.get(engine_id)
-            if engine.state not in expect:
-                return False
-            engine = txn.update(engine_id, state=S.FAILED, error=error)
+    def fail(self, engine_id: str, error: str, expect=(S.STARTING, S.READY)) -> bool:
+        """Mark an engine ``failed`` after killing what is left of it; in the same transaction
+        release what it held. False if it is no longer in one of the ``expect`` states."""
+        engine = self.registry.find(engine_id)
+        if engine.state not in expect:
+            return False
         left = process.kill_tree(engine.pid, engine.create_time, self.settings.stop_grace,
                                  self._popens.pop(engine_id, None))
-        if not left:
-            with self.registry.transaction() as txn:
+        with self.registry.transaction() as txn:
+            if txn.get(engine_id).state not in expect:
+                return False
+            if left:
+                error += f"\n(processes {left} did not exit; prune retries)"
+            else:
                 txn.release_all(engine_id)
+            txn.update(engine_id, state=S.FAILED, error=error)
         return True
 
     # ------------------------------------------------------------------ health / discovery

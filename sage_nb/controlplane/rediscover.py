@@ -47,7 +47,8 @@ def rediscover(cp: ControlPlane) -> dict:
                 continue
             report["reattached"].append(engine.id)
         elif (engine.pid is not None or time.time() - engine.created_at > 30) and cp.fail(
-                engine.id, _failure(engine, "the engine process is gone (found at discovery)")):
+                engine.id, _failure(engine, "the engine process is gone (found at discovery)"),
+                expect=LIVE):
             report["failed"].append(engine.id)
 
     for server in servers:

@@ -182,6 +182,7 @@ class Registry:
     def __init__(self, path: str | os.PathLike) -> None:
         self.path = Path(path)
         self._local = threading.local()
+        self._commits = 0
         self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         # Switching to WAL takes an exclusive lock that does not wait on busy peers, so the
         # processes that open the registry for the first time do it one after another.
@@ -220,6 +221,11 @@ class Registry:
             conn.execute("ROLLBACK")
             raise
         conn.execute("COMMIT")
+        self._commits += 1
+
+    def version(self) -> tuple[int, int]:
+        """Changes whenever any process commits to the registry (cheap: no table is read)."""
+        return self._conn().execute("PRAGMA data_version").fetchone()[0], self._commits
 
     @contextmanager
     def snapshot(self) -> Iterator[Txn]:

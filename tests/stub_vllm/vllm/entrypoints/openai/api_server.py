@@ -49,5 +49,42 @@ class Handler(BaseHTTPRequestHandler):
         return self._send(404, {"detail": "Not Found"})
 
 
+    def do_POST(self):
+        length = int(self.headers.get("Content-Length") or 0)
+        body = json.loads(self.rfile.read(length) or b"{}")
+        if KEY and self.headers.get("Authorization") != f"Bearer {KEY}":
+            return self._send(401, {"error": "Unauthorized"})
+        if os.environ.get("STUB_HANG"):
+            time.sleep(3600)
+        route = self.path.removeprefix("/v1/")
+        if route in ("chat/completions", "completions") and not POOLING:
+            if body.get("stream"):
+                return self._stream(body)
+            return self._send(200, {"object": "chat.completion", "model": body.get("model"),
+                                    "served_by": args.port,
+                                    "choices": [{"index": 0, "message": {"role": "assistant",
+                                                                         "content": "stub"}}]})
+        if route == "embeddings" and POOLING:
+            inputs = body.get("input")
+            inputs = [inputs] if isinstance(inputs, str) else inputs
+            return self._send(200, {"object": "list", "model": body.get("model"), "served_by": args.port,
+                                    "data": [{"index": i, "embedding": [0.5, 0.5]} for i in range(len(inputs))]})
+        return self._send(404, {"detail": "Not Found"})
+
+    def _stream(self, body):
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.end_headers()
+        for i in range(3):
+            chunk = {"object": "chat.completion.chunk", "served_by": args.port,
+                     "choices": [{"index": 0, "delta": {"content": f"part{i}"}}]}
+            self.wfile.write(f"data: {json.dumps(chunk)}\n\n".encode())
+            self.wfile.flush()
+            time.sleep(0.05)
+        self.wfile.write(b"data: [DONE]\n\n")
+        self.wfile.flush()
+        self.close_connection = True
+
+
 print(f"stub engine {SERVED} on {args.host}:{args.port}", flush=True)
 ThreadingHTTPServer((args.host, args.port), Handler).serve_forever()

@@ -1,0 +1,170 @@
+"""The OpenAI-compatible gateway: ``sage_nb/v1/...`` routed by kind to a ready engine.
+
+A streaming proxy on tornado's own HTTP client (curl, with keep-alive to the
+engines, when pycurl is installed). The caller authenticates with the Jupyter
+token; the gateway adds the engine's private key. Responses pass through chunk
+by chunk, and a client that goes away cancels the upstream request.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+
+from jupyter_server.auth.decorator import authorized
+from tornado import httpclient, iostream, web
+
+from sage_nb.controlplane import ControlPlaneError
+from sage_nb.controlplane.router import Router
+
+from .handlers import SageHandler
+
+log = logging.getLogger("sage_nb.gateway")
+ROUTE_KIND = {"chat/completions": "llm", "completions": "llm", "embeddings": "embedding"}
+PASS_HEADERS = ("Content-Type", "Cache-Control", "X-Request-Id")
+
+
+def make_http_client() -> httpclient.AsyncHTTPClient:
+    """A client of its own for the gateway: curl (keep-alive) if pycurl is there, else tornado's."""
+    try:
+        from tornado.curl_httpclient import CurlAsyncHTTPClient as impl
+    except ImportError:
+        from tornado.simple_httpclient import SimpleAsyncHTTPClient as impl
+    return impl(force_instance=True, max_clients=256)
+
+
+class ClientGone(Exception):
+    """Raised inside the streaming callback to abort the upstream request."""
+
+
+class ModelsHandler(SageHandler):
+    _track_activity = False
+
+    @web.authenticated
+    @authorized
+    def get(self) -> None:
+        self.reply({"object": "list", "data": self.settings["sage_nb_router"].models()})
+
+
+class ProxyHandler(SageHandler):
+    """POST ``chat/completions``, ``completions`` and ``embeddings`` to an engine of the right kind."""
+
+    def initialize(self, route: str, **kwargs) -> None:
+        super().initialize(**kwargs)
+        self.route = route
+        self.kind = ROUTE_KIND[route]
+        self.client_gone = False
+        self.upstream_started = False
+
+    def on_connection_close(self) -> None:
+        self.client_gone = True
+
+    @web.authenticated
+    @authorized
+    async def post(self) -> None:
+        body = self.json_body()
+        model = body.get("model")
+        if model is not None and not isinstance(model, str):
+            raise web.HTTPError(400, "'model' must be a string")
+        router: Router = self.settings["sage_nb_router"]
+        tried: set[str] = set()
+        while True:
+            try:
+                engine = router.pick(self.kind, model, frozenset(tried))
+            except ControlPlaneError as e:
+                if tried:  # every replica refused the connection
+                    raise web.HTTPError(502, f"no engine for {model or self.kind} answered: "
+                                             f"{e.message}") from None
+                raise web.HTTPError(e.status, e.message) from None
+            payload = self.request.body
+            if body.get("model") != engine.served_model_name:
+                payload = json.dumps({**body, "model": engine.served_model_name}).encode()
+            router.acquire(engine)
+            t0 = time.perf_counter()
+            try:
+                done = await self._forward(engine, payload, body.get("stream") is True)
+            finally:
+                router.release(engine)
+            log.debug("sage_nb gateway: %s -> engine %s (%s) %.1f ms", self.route, engine.name,
+                      engine.base_url, (time.perf_counter() - t0) * 1000)
+            if done:
+                return
+            tried.add(engine.id)  # connection failed before the first byte: try another replica
+
+    async def _forward(self, engine, payload: bytes, stream: bool) -> bool:
+        """Proxy one attempt; False when the engine could not be reached at all."""
+        head: dict = {"code": None, "headers": {}, "complete": False}
+        held: list[bytes] = []
+
+        def on_header(line: str) -> None:
+            line = line.strip()
+            if line.startswith("HTTP/"):
+                head.update(code=int(line.split()[1]), headers={}, complete=False)
+            elif not line:
+                head["complete"] = head["code"] not in (None, 100)
+            elif ":" in line:
+                name, value = line.split(":", 1)
+                head["headers"][name.strip().title()] = value.strip()
+
+        def on_chunk(chunk: bytes) -> None:
+            if self.client_gone:
+                raise ClientGone()  # aborts the upstream transfer
+            if not head["complete"]:
+                held.append(chunk)  # curl may deliver body pieces before the last header line
+                return
+            self._start_reply(head["code"], head["headers"])
+            for piece in held:
+                self.write(piece)
+            held.clear()
+            self.write(chunk)
+            self.flush()
+
+        request = httpclient.HTTPRequest(
+            f"{engine.base_url}/{self.route}", method="POST", body=payload,
+            headers={"Authorization": f"Bearer {engine.api_key}", "Content-Type": "application/json"},
+            header_callback=on_header if stream else None, streaming_callback=on_chunk if stream else None,
+            decompress_response=False, connect_timeout=5.0,
+            request_timeout=self.settings["sage_nb_request_timeout"])
+        try:
+            response = await self.settings["sage_nb_http_client"].fetch(request, raise_error=False)
+        except ClientGone:
+            return True
+        except (OSError, iostream.StreamClosedError) as e:
+            response = httpclient.HTTPResponse(request, 599, error=e)
+        if self.client_gone:
+            return True
+        if response.code == 599:
+            if self.upstream_started:  # the engine broke off mid-stream: end what we sent
+                self.finish()
+                return True
+            if isinstance(response.error, httpclient.HTTPTimeoutError) and "onnect" not in str(
+                    response.error):
+                raise web.HTTPError(504, f"engine {engine.name!r} did not answer within "
+                                         f"{request.request_timeout:.0f} s")
+            log.info("sage_nb gateway: engine %s unreachable: %s", engine.name, response.error)
+            return False
+        if stream:
+            self._start_reply(head["code"] or response.code, head["headers"])
+            for piece in held:
+                self.write(piece)
+        else:
+            self._start_reply(response.code, response.headers)
+            self.write(response.body)
+        self.finish()
+        return True
+
+    def _start_reply(self, code: int, headers) -> None:
+        if self.upstream_started:
+            return
+        self.upstream_started = True
+        self.set_status(code)
+        for name in PASS_HEADERS:
+            if name in headers:
+                self.set_header(name, headers[name])
+
+
+GATEWAY_HANDLERS = [
+    (r"/sage_nb/v1/models/?", ModelsHandler),
+    *[(rf"/sage_nb/v1/{route}/?", ProxyHandler, {"route": route}) for route in ROUTE_KIND],
+]

@@ -1,0 +1,140 @@
+"""Thin REST handlers over the control plane; every blocking call runs off the event loop."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import json
+
+from jupyter_server.auth.decorator import authorized
+from jupyter_server.base.handlers import APIHandler
+from jupyter_server.extension.handler import ExtensionHandlerMixin
+from tornado import web
+
+from sage_nb.controlplane import ControlPlane, ControlPlaneError, LaunchRequest
+
+AUTH_RESOURCE = "sage_nb"
+
+
+class SageHandler(ExtensionHandlerMixin, APIHandler):
+    """Base: Jupyter auth, JSON errors ``{"message": ...}``, control-plane calls off the loop."""
+
+    auth_resource = AUTH_RESOURCE
+
+    @property
+    def cp(self) -> ControlPlane:
+        return self.settings["sage_nb_control_plane"]
+
+    async def call(self, fn, *args, **kwargs):
+        """Run a control-plane call in a worker thread; its errors become JSON replies."""
+        loop = asyncio.get_running_loop()
+        try:
+            return await loop.run_in_executor(None, functools.partial(fn, *args, **kwargs))
+        except ControlPlaneError as e:
+            raise web.HTTPError(e.status if e.status < 500 else 500, e.message) from None
+
+    def write_error(self, status_code: int, **kwargs) -> None:
+        exc = kwargs.get("exc_info", (None, None, None))[1]
+        message = exc.log_message if isinstance(exc, web.HTTPError) and exc.log_message else None
+        self.set_header("Content-Type", "application/json")
+        self.finish(json.dumps({"message": message or self._reason}))
+
+    def json_body(self) -> dict:
+        try:
+            body = json.loads(self.request.body or b"{}")
+        except (ValueError, UnicodeDecodeError) as e:
+            raise web.HTTPError(400, f"the request body is not valid JSON: {e}") from None
+        if not isinstance(body, dict):
+            raise web.HTTPError(400, "the request body must be a JSON object")
+        return body
+
+    def reply(self, model, status: int = 200) -> None:
+        self.set_status(status)
+        self.finish(json.dumps(model))
+
+
+class EnginesHandler(SageHandler):
+    _track_activity = False  # polled by dashboards: must not keep an idle server alive
+
+    @web.authenticated
+    @authorized
+    async def get(self) -> None:
+        self.reply(await self.call(self.cp.engines))
+
+    @web.authenticated
+    @authorized
+    async def post(self) -> None:
+        try:
+            req = LaunchRequest.from_body(self.json_body())
+        except ControlPlaneError as e:
+            raise web.HTTPError(e.status, e.message) from None
+        except TypeError as e:  # wrong argument types that the dataclass itself rejects
+            raise web.HTTPError(400, str(e)) from None
+        self.reply(await self.call(self.cp.start, req, wait=False), 202)
+
+
+class EngineHandler(SageHandler):
+    _track_activity = False
+
+    @web.authenticated
+    @authorized
+    async def get(self, engine_id: str) -> None:
+        self.reply(await self.call(self.cp.engine, engine_id))
+
+    @web.authenticated
+    @authorized
+    async def delete(self, engine_id: str) -> None:
+        self.reply(await self.call(self.cp.stop_engine, engine_id))
+
+
+class LogsHandler(SageHandler):
+    _track_activity = False
+
+    @web.authenticated
+    @authorized
+    async def get(self, engine_id: str) -> None:
+        raw = self.get_query_argument("lines", "100")
+        try:
+            lines = int(raw)
+        except ValueError:
+            raise web.HTTPError(400, f"lines must be a positive integer, got {raw!r}") from None
+        text = await self.call(self.cp.logs, engine_id, lines)
+        self.reply({"id": engine_id, "lines": lines, "log": text})
+
+
+class PruneHandler(SageHandler):
+    @web.authenticated
+    @authorized
+    async def post(self) -> None:
+        self.reply({"removed": await self.call(self.cp.prune)})
+
+
+class BackendsHandler(SageHandler):
+    _track_activity = False
+
+    @web.authenticated
+    @authorized
+    async def get(self) -> None:
+        self.reply(await self.call(self.cp.backends))
+
+
+class GpusHandler(SageHandler):
+    _track_activity = False
+
+    @web.authenticated
+    @authorized
+    async def get(self) -> None:
+        devices = await self.call(self.cp.gpus)
+        inv = self.cp.inventory
+        self.reply({"source": inv.source, "error": None if devices else inv.error, "devices": devices})
+
+
+ENGINE_ID = r"(?P<engine_id>[A-Za-z0-9][A-Za-z0-9_.\-]{0,63})"
+REST_HANDLERS = [
+    (r"/sage_nb/api/engines/?", EnginesHandler),
+    (r"/sage_nb/api/engines/prune/?", PruneHandler),
+    (rf"/sage_nb/api/engines/{ENGINE_ID}/logs/?", LogsHandler),
+    (rf"/sage_nb/api/engines/{ENGINE_ID}/?", EngineHandler),
+    (r"/sage_nb/api/backends/?", BackendsHandler),
+    (r"/sage_nb/api/gpus/?", GpusHandler),
+]
