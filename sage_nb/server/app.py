@@ -12,7 +12,7 @@ from sage_nb.controlplane import ControlPlane, ControlPlaneError, Settings
 from sage_nb.controlplane.router import Router
 from sage_nb.controlplane.settings import default_state_dir
 
-from .gateway import GATEWAY_HANDLERS, make_http_client
+from .gateway import GATEWAY_HANDLERS, make_http_clients
 from .handlers import REST_HANDLERS
 
 
@@ -61,7 +61,7 @@ class SageNBApp(ExtensionApp):
         self.settings.update({
             "sage_nb_control_plane": cp,
             "sage_nb_router": Router(cp.registry),
-            "sage_nb_http_client": make_http_client(),
+            **make_http_clients(),
             "sage_nb_request_timeout": self.request_timeout,
         })
         self.discovery: asyncio.Future | None = None

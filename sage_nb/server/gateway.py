@@ -14,24 +14,28 @@ import time
 
 from jupyter_server.auth.decorator import authorized
 from tornado import httpclient, iostream, web
+from tornado.simple_httpclient import HTTPTimeoutError, SimpleAsyncHTTPClient
 
 from sage_nb.controlplane import ControlPlaneError
 from sage_nb.controlplane.router import Router
 
-from .handlers import SageHandler
+from .handlers import ApiError, SageHandler
 
 log = logging.getLogger("sage_nb.gateway")
 ROUTE_KIND = {"chat/completions": "llm", "completions": "llm", "embeddings": "embedding"}
 PASS_HEADERS = ("Content-Type", "Cache-Control", "X-Request-Id")
 
 
-def make_http_client() -> httpclient.AsyncHTTPClient:
-    """A client of its own for the gateway: curl (keep-alive) if pycurl is there, else tornado's."""
+def make_http_clients() -> dict[str, httpclient.AsyncHTTPClient]:
+    """The gateway's own clients: curl (keep-alive to the engines) for plain requests when pycurl
+    is there; tornado's simple client for streams, since raising in its streaming callback closes
+    the upstream connection — that is how a client's disconnect cancels the engine's work."""
     try:
-        from tornado.curl_httpclient import CurlAsyncHTTPClient as impl
+        from tornado.curl_httpclient import CurlAsyncHTTPClient as plain
     except ImportError:
-        from tornado.simple_httpclient import SimpleAsyncHTTPClient as impl
-    return impl(force_instance=True, max_clients=256)
+        plain = SimpleAsyncHTTPClient
+    return {"sage_nb_http_client": plain(force_instance=True, max_clients=256),
+            "sage_nb_stream_client": SimpleAsyncHTTPClient(force_instance=True, max_clients=256)}
 
 
 class ClientGone(Exception):
@@ -66,7 +70,7 @@ class ProxyHandler(SageHandler):
         body = self.json_body()
         model = body.get("model")
         if model is not None and not isinstance(model, str):
-            raise web.HTTPError(400, "'model' must be a string")
+            raise ApiError(400, "'model' must be a string")
         router: Router = self.settings["sage_nb_router"]
         tried: set[str] = set()
         while True:
@@ -74,9 +78,9 @@ class ProxyHandler(SageHandler):
                 engine = router.pick(self.kind, model, frozenset(tried))
             except ControlPlaneError as e:
                 if tried:  # every replica refused the connection
-                    raise web.HTTPError(502, f"no engine for {model or self.kind} answered: "
+                    raise ApiError(502, f"no engine for {model or self.kind} answered: "
                                              f"{e.message}") from None
-                raise web.HTTPError(e.status, e.message) from None
+                raise ApiError(e.status, e.message) from None
             payload = self.request.body
             if body.get("model") != engine.served_model_name:
                 payload = json.dumps({**body, "model": engine.served_model_name}).encode()
@@ -127,9 +131,13 @@ class ProxyHandler(SageHandler):
             decompress_response=False, connect_timeout=5.0,
             request_timeout=self.settings["sage_nb_request_timeout"])
         try:
-            response = await self.settings["sage_nb_http_client"].fetch(request, raise_error=False)
+            client = self.settings["sage_nb_stream_client" if stream else "sage_nb_http_client"]
+            response = await client.fetch(request, raise_error=False)
         except ClientGone:
             return True
+        except httpclient.HTTPClientError as e:  # 599: could not connect, timed out, broke off
+            response = e.response if e.code != 599 and e.response else httpclient.HTTPResponse(
+                request, 599, error=e)
         except (OSError, iostream.StreamClosedError) as e:
             response = httpclient.HTTPResponse(request, 599, error=e)
         if self.client_gone:
@@ -138,9 +146,10 @@ class ProxyHandler(SageHandler):
             if self.upstream_started:  # the engine broke off mid-stream: end what we sent
                 self.finish()
                 return True
-            if isinstance(response.error, httpclient.HTTPTimeoutError) and "onnect" not in str(
-                    response.error):
-                raise web.HTTPError(504, f"engine {engine.name!r} did not answer within "
+            err = response.error
+            timed_out = isinstance(err, HTTPTimeoutError) or getattr(err, "errno", None) == 28
+            if timed_out and "onnect" not in str(err):
+                raise ApiError(504, f"engine {engine.name!r} did not answer within "
                                          f"{request.request_timeout:.0f} s")
             log.info("sage_nb gateway: engine %s unreachable: %s", engine.name, response.error)
             return False

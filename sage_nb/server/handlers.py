@@ -16,6 +16,14 @@ from sage_nb.controlplane import ControlPlane, ControlPlaneError, LaunchRequest
 AUTH_RESOURCE = "sage_nb"
 
 
+class ApiError(web.HTTPError):
+    """An HTTP error whose ``message`` goes to the client verbatim as ``{"message": ...}``."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(status, message)
+        self.message = message
+
+
 class SageHandler(ExtensionHandlerMixin, APIHandler):
     """Base: Jupyter auth, JSON errors ``{"message": ...}``, control-plane calls off the loop."""
 
@@ -31,11 +39,11 @@ class SageHandler(ExtensionHandlerMixin, APIHandler):
         try:
             return await loop.run_in_executor(None, functools.partial(fn, *args, **kwargs))
         except ControlPlaneError as e:
-            raise web.HTTPError(e.status if e.status < 500 else 500, e.message) from None
+            raise ApiError(e.status if e.status < 500 else 500, e.message) from None
 
     def write_error(self, status_code: int, **kwargs) -> None:
         exc = kwargs.get("exc_info", (None, None, None))[1]
-        message = exc.log_message if isinstance(exc, web.HTTPError) and exc.log_message else None
+        message = getattr(exc, "message", None) if isinstance(exc, ApiError) else None
         self.set_header("Content-Type", "application/json")
         self.finish(json.dumps({"message": message or self._reason}))
 
@@ -43,9 +51,9 @@ class SageHandler(ExtensionHandlerMixin, APIHandler):
         try:
             body = json.loads(self.request.body or b"{}")
         except (ValueError, UnicodeDecodeError) as e:
-            raise web.HTTPError(400, f"the request body is not valid JSON: {e}") from None
+            raise ApiError(400, f"the request body is not valid JSON: {e}") from None
         if not isinstance(body, dict):
-            raise web.HTTPError(400, "the request body must be a JSON object")
+            raise ApiError(400, "the request body must be a JSON object")
         return body
 
     def reply(self, model, status: int = 200) -> None:
@@ -67,9 +75,9 @@ class EnginesHandler(SageHandler):
         try:
             req = LaunchRequest.from_body(self.json_body())
         except ControlPlaneError as e:
-            raise web.HTTPError(e.status, e.message) from None
+            raise ApiError(e.status, e.message) from None
         except TypeError as e:  # wrong argument types that the dataclass itself rejects
-            raise web.HTTPError(400, str(e)) from None
+            raise ApiError(400, str(e)) from None
         self.reply(await self.call(self.cp.start, req, wait=False), 202)
 
 
@@ -97,7 +105,7 @@ class LogsHandler(SageHandler):
         try:
             lines = int(raw)
         except ValueError:
-            raise web.HTTPError(400, f"lines must be a positive integer, got {raw!r}") from None
+            raise ApiError(400, f"lines must be a positive integer, got {raw!r}") from None
         text = await self.call(self.cp.logs, engine_id, lines)
         self.reply({"id": engine_id, "lines": lines, "log": text})
 

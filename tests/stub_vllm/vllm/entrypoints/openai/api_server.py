@@ -75,7 +75,7 @@ class Handler(BaseHTTPRequestHandler):
         self.send_response(200)
         self.send_header("Content-Type", "text/event-stream")
         self.end_headers()
-        for i in range(3):
+        for i in range(int(os.environ.get("STUB_STREAM_PARTS", "3"))):
             chunk = {"object": "chat.completion.chunk", "served_by": args.port,
                      "choices": [{"index": 0, "delta": {"content": f"part{i}"}}]}
             self.wfile.write(f"data: {json.dumps(chunk)}\n\n".encode())

@@ -1,0 +1,121 @@
+"""The gateway's routing, errors, streaming and load sharing, over lightweight stub engines."""
+
+import asyncio
+import json
+import os
+import signal
+import time
+
+import pytest
+
+from ..conftest import STUB_PATH
+from .test_rest import call, error, wait_state
+
+pytestmark = pytest.mark.usefixtures("cleanup_engines")
+
+
+async def start(jp_fetch, model, **body):
+    _, e = await call(jp_fetch, "api", "engines", method="POST", body={"model": str(model), **body})
+    return await wait_state(jp_fetch, e["id"])
+
+
+async def test_routes_by_kind_and_model_field(jp_fetch, model_dir):
+    chat_model, emb_model = model_dir(1), model_dir(1)
+    chat = await start(jp_fetch, chat_model, name="chat")
+    emb = await start(jp_fetch, emb_model, name="emb", kind="embedding")
+    code, models = await call(jp_fetch, "v1", "models")
+    assert code == 200 and {(m["id"], m["kind"]) for m in models["data"]} == {("chat", "llm"), ("emb", "embedding")}
+    # the model may be the served name, the model path or the engine name, or left out
+    for model in ("chat", str(chat_model), chat["id"], None):
+        body = {"messages": [{"role": "user", "content": "hi"}], **({"model": model} if model else {})}
+        code, reply = await call(jp_fetch, "v1", "chat", "completions", method="POST", body=body)
+        assert code == 200 and reply["served_by"] == chat["port"] and reply["model"] == "chat"
+    code, reply = await call(jp_fetch, "v1", "completions", method="POST", body={"prompt": "x"})
+    assert reply["served_by"] == chat["port"]
+    code, reply = await call(jp_fetch, "v1", "embeddings", method="POST", body={"input": ["a", "b"]})
+    assert code == 200 and reply["served_by"] == emb["port"] and len(reply["data"]) == 2
+
+
+async def test_wrong_kind_unknown_model_and_bad_body(jp_fetch, model_dir):
+    await start(jp_fetch, model_dir(1), name="emb", kind="embedding")
+    code, message = await error(jp_fetch, "v1", "chat", "completions", method="POST",
+                                body={"model": "emb", "messages": []})
+    assert code == 400 and "'emb' is an embedding model" in message
+    code, message = await error(jp_fetch, "v1", "embeddings", method="POST", body={"model": "nope", "input": "x"})
+    assert code == 404 and "nope" in message
+    code, message = await error(jp_fetch, "v1", "embeddings", method="POST", body="{oops")
+    assert code == 400 and "JSON" in message
+    code, message = await error(jp_fetch, "v1", "embeddings", method="POST", body={"model": 3})
+    assert code == 400
+
+
+async def test_no_backend_of_that_kind_is_503_with_the_fix(jp_fetch):
+    code, message = await error(jp_fetch, "v1", "chat", "completions", method="POST", body={"messages": []})
+    assert code == 503 and message == "No LLM backend available. Start one with: %llm start <model>"
+    code, message = await error(jp_fetch, "v1", "embeddings", method="POST", body={"input": "x"})
+    assert code == 503 and message.startswith("No embedding backend available. Start one with: %llm start")
+
+
+async def test_stream_arrives_chunk_by_chunk(jp_fetch, model_dir):
+    await start(jp_fetch, model_dir(1), name="chat")
+    arrivals = []
+    resp = await jp_fetch("sage_nb", "v1", "chat", "completions", method="POST",
+                          body=json.dumps({"stream": True, "messages": []}),
+                          streaming_callback=lambda chunk: arrivals.append((time.monotonic(), chunk)))
+    assert resp.code == 200 and resp.headers["Content-Type"].startswith("text/event-stream")
+    data = b"".join(c for _, c in arrivals).decode()
+    assert [line for line in data.splitlines() if line.startswith("data:")][-1] == "data: [DONE]"
+    assert len(arrivals) >= 3 and arrivals[-1][0] - arrivals[0][0] > 0.08  # not buffered
+
+
+async def test_bearer_token_like_openai_clients_send(jp_fetch, jp_serverapp, model_dir):
+    await start(jp_fetch, model_dir(1), name="chat")
+    token = jp_serverapp.identity_provider.token
+    code, _ = await call(jp_fetch, "v1", "models", headers={"Authorization": f"Bearer {token}"})
+    assert code == 200
+
+
+async def test_replicas_share_load_and_a_dead_one_is_skipped(jp_fetch, jp_serverapp, model_dir):
+    model = model_dir(1)
+    a = await start(jp_fetch, model)
+    b = await start(jp_fetch, model)
+    body = {"model": str(model), "messages": []}
+    replies = await asyncio.gather(*[call(jp_fetch, "v1", "chat", "completions", method="POST", body=body)
+                                     for _ in range(10)])
+    assert {r["served_by"] for _, r in replies} == {a["port"], b["port"]}
+    router = jp_serverapp.web_app.settings["sage_nb_router"]
+    assert not any(router.inflight.values())
+    os.kill(a["pid"], signal.SIGKILL)  # before the monitor notices: connection refused -> retry
+    for _ in range(4):
+        code, reply = await call(jp_fetch, "v1", "chat", "completions", method="POST", body=body)
+        assert code == 200 and reply["served_by"] == b["port"]
+
+
+@pytest.fixture
+def jp_server_config(state_dir):
+    return {
+        "ServerApp": {"jpserver_extensions": {"sage_nb": True, "jupyter_server_terminals": False},
+                      "allow_unauthenticated_access": False},
+        "SageNBApp": {"state_dir": str(state_dir), "port_range": [18800, 18899],
+                      "engine_env": {"PYTHONPATH": STUB_PATH, "STUB_STREAM_PARTS": "100"}},
+    }
+
+
+async def test_client_disconnect_cancels_upstream(jp_fetch, jp_serverapp, jp_base_url, model_dir):
+    await start(jp_fetch, model_dir(1), name="chat")
+    router = jp_serverapp.web_app.settings["sage_nb_router"]
+    port, token = jp_serverapp.port, jp_serverapp.identity_provider.token
+    body = json.dumps({"stream": True, "messages": []}).encode()
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(f"POST {jp_base_url}sage_nb/v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
+                 f"Authorization: token {token}\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body)
+    await writer.drain()
+    assert b"200" in await reader.readline()
+    await reader.readuntil(b"part1")
+    assert sum(router.inflight.values()) == 1
+    writer.transport.abort()  # the client goes away; 100 parts would take 5 s
+    t0 = time.monotonic()
+    while sum(router.inflight.values()):
+        assert time.monotonic() - t0 < 2, "upstream request still running"
+        await asyncio.sleep(0.05)
+
