@@ -25,6 +25,7 @@ install() {
         pip uninstall -y torchvision torchaudio torchcodec
     fi
     "$VENV/bin/python" -m sage_nb.tinymodel >/dev/null
+    echo "sage_nb: installed in ${SECONDS} s"
 }
 
 case "${1:-}" in

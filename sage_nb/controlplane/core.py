@@ -72,6 +72,12 @@ class ControlPlane:
         with self.registry.snapshot() as txn:
             return [v.to_model() for v in self._views(txn)]
 
+    def gpu_report(self) -> dict:
+        """``{"source": "nvml"|"fake"|"none", "error": why there are none, "devices": gpus()}``."""
+        devices = self.gpus()
+        return {"source": self.inventory.source, "error": None if devices else self.inventory.error,
+                "devices": devices}
+
     def _views(self, txn: Txn) -> list[placement.GpuView]:
         devices = self.inventory.devices()
         if not devices:

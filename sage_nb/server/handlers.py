@@ -132,9 +132,7 @@ class GpusHandler(SageHandler):
     @web.authenticated
     @authorized
     async def get(self) -> None:
-        devices = await self.call(self.cp.gpus)
-        inv = self.cp.inventory
-        self.reply({"source": inv.source, "error": None if devices else inv.error, "devices": devices})
+        self.reply(await self.call(self.cp.gpu_report))
 
 
 ENGINE_ID = r"(?P<engine_id>[A-Za-z0-9][A-Za-z0-9_.\-]{0,63})"

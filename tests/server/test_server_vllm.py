@@ -1,0 +1,176 @@
+"""A real ``jupyter server`` process with real vLLM engines: REST, the official openai client
+through the gateway, and a SIGKILL + restart that finds the same engines again."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+
+import openai
+import pytest
+
+from sage_nb.controlplane.process import group_members
+
+pytestmark = pytest.mark.vllm
+TOKEN = "sage-test-token"
+BASE = "/jp%40x/"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """A jupyter server subprocess with the sage_nb extension enabled."""
+
+    def __init__(self, root, state_dir, port):
+        self.root, self.state_dir, self.port, self.proc = root, state_dir, port, None
+        self.url = f"http://127.0.0.1:{port}{BASE}"
+
+    def start(self) -> None:
+        env = {**os.environ, "JUPYTER_CONFIG_DIR": str(self.root / "cfg"),
+               "JUPYTER_RUNTIME_DIR": str(self.root / "runtime"), "JUPYTER_DATA_DIR": str(self.root / "data")}
+        self.log = open(self.root / f"server-{time.time():.0f}.log", "wb")  # noqa: SIM115
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "jupyter_server", "--no-browser", "--allow-root", f"--port={self.port}",
+             "--ip=127.0.0.1", f"--ServerApp.base_url={BASE}", f"--IdentityProvider.token={TOKEN}",
+             "--ServerApp.jpserver_extensions={'sage_nb': True}",
+             f"--SageNBApp.state_dir={self.state_dir}", "--SageNBApp.port_range=(18900, 18949)"],
+            env=env, stdout=self.log, stderr=subprocess.STDOUT, cwd=self.root)
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if self.get("api/status")[0] == 200:
+                    return
+            except OSError:
+                pass
+            assert self.proc.poll() is None and time.monotonic() < deadline, self.log_text()
+            time.sleep(0.2)
+
+    def log_text(self) -> str:
+        return self.log.name and open(self.log.name, errors="replace").read()[-3000:]
+
+    def request(self, method: str, path: str, body=None):
+        data = json.dumps(body).encode() if body is not None else None
+        req = urllib.request.Request(self.url + path, data=data, method=method,
+                                     headers={"Authorization": f"token {TOKEN}"})
+        try:
+            with urllib.request.urlopen(req, timeout=30) as resp:
+                return resp.status, json.loads(resp.read() or b"null")
+        except urllib.error.HTTPError as e:
+            return e.code, json.loads(e.read() or b"null")
+
+    def get(self, path: str):
+        return self.request("GET", path)
+
+    def kill(self) -> None:
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait()
+
+
+def wait_ready(server: Server, engine_id: str, timeout: float = 600) -> dict:
+    deadline = time.monotonic() + timeout
+    while True:
+        code, e = server.get(f"sage_nb/api/engines/{engine_id}")
+        assert code == 200, e
+        if e["state"] == "ready":
+            return e
+        assert e["state"] == "starting" and time.monotonic() < deadline, e
+        time.sleep(0.5)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    root = tmp_path_factory.mktemp("jupyter")
+    srv = Server(root, root / "state", free_port())
+    srv.start()
+    yield srv
+    if srv.proc.poll() is None:
+        srv.kill()
+    from sage_nb.controlplane import ControlPlane
+
+    for e in ControlPlane(state_dir=root / "state", monitor=False).engines():
+        for proc in group_members(e["pid"]) if e["pid"] else []:
+            proc.kill()
+
+
+@pytest.fixture(scope="module")
+def engines(server, tiny_llama, minilm):
+    code, llm = server.request("POST", "sage_nb/api/engines", {"model": str(tiny_llama), "name": "tiny"})
+    assert code == 202 and llm["state"] == "starting", llm
+    code, emb = server.request("POST", "sage_nb/api/engines",
+                               {"model": str(minilm), "kind": "embedding", "name": "minilm"})
+    assert code == 202, emb
+    return {"llm": wait_ready(server, llm["id"]), "emb": wait_ready(server, emb["id"])}
+
+
+def client(server: Server) -> openai.OpenAI:
+    return openai.OpenAI(base_url=server.url + "sage_nb/v1", api_key=TOKEN, max_retries=0)
+
+
+def test_openai_client_through_the_gateway(server, engines):
+    oa = client(server)
+    models = {m.id: m.model_extra["kind"] for m in oa.models.list().data}
+    assert models == {"tiny": "llm", "minilm": "embedding"}
+    reply = oa.chat.completions.create(model="tiny", max_tokens=8, messages=[{"role": "user", "content": "hi"}])
+    assert reply.usage.completion_tokens > 0 and reply.choices[0].message.content is not None
+    chunks = list(oa.chat.completions.create(model="tiny", max_tokens=8, stream=True,
+                                             messages=[{"role": "user", "content": "hi"}]))
+    assert len([c for c in chunks if c.choices and c.choices[0].delta.content]) >= 2
+    vectors = oa.embeddings.create(model="minilm", input=["notebooks", "gpus"])
+    assert [len(d.embedding) for d in vectors.data] == [384, 384]
+    # the model may be omitted: a ready engine of the right kind is chosen
+    assert len(oa.embeddings.create(model="", input="x").data[0].embedding) == 384
+
+
+def test_wrong_kind_and_wrong_token(server, engines):
+    oa = client(server)
+    with pytest.raises(openai.BadRequestError, match="'minilm' is an embedding model"):
+        oa.chat.completions.create(model="minilm", messages=[{"role": "user", "content": "hi"}])
+    with pytest.raises(openai.BadRequestError, match="'tiny' is an LLM model"):
+        oa.embeddings.create(model="tiny", input="x")
+    bad = openai.OpenAI(base_url=server.url + "sage_nb/v1", api_key="wrong", max_retries=0)
+    with pytest.raises(openai.PermissionDeniedError):
+        bad.models.list()
+
+
+def test_sigkill_restart_finds_the_same_engines(server, engines):
+    before = {e["id"] for e in server.get("sage_nb/api/engines")[1]}
+    server.kill()
+    server.start()
+    t0 = time.monotonic()
+    while True:
+        _, backends = server.get("sage_nb/api/backends")
+        ids = {b["id"] for b in backends["llm_backends"] + backends["embedding_backends"]}
+        if ids == {engines["llm"]["id"], engines["emb"]["id"]}:
+            break
+        assert time.monotonic() - t0 < 2, backends  # listed within 2 s of the server's start
+        time.sleep(0.1)
+    listed = server.get("sage_nb/api/engines")[1]
+    assert {e["id"] for e in listed} == before and len(listed) == len(before)  # none twice
+    assert [e for e in listed if e["adopted"]] == []
+    reply = client(server).chat.completions.create(model="tiny", max_tokens=4,
+                                                   messages=[{"role": "user", "content": "again"}])
+    assert reply.usage.completion_tokens > 0
+
+
+def test_no_backend_after_stop(server, engines):
+    code, stopped = server.request("DELETE", f"sage_nb/api/engines/{engines['emb']['id']}")
+    assert code == 200 and stopped["state"] == "stopped"
+    with pytest.raises(openai.APIStatusError) as exc:
+        client(server).embeddings.create(model="", input="x")
+    assert exc.value.status_code == 503
+    assert exc.value.body["message"].startswith("No embedding backend available. Start one with: %llm start")
+    code, stopped = server.request("DELETE", f"sage_nb/api/engines/{engines['llm']['id']}")
+    assert code == 200 and stopped["state"] == "stopped"
+    code, pruned = server.request("POST", "sage_nb/api/engines/prune")
+    assert code == 200 and set(pruned["removed"]) == {engines["llm"]["id"], engines["emb"]["id"]}
