@@ -10,6 +10,8 @@ import pytest
 
 from sage_nb.controlplane import ControlPlane
 
+pytest_plugins = ["pytest_jupyter.jupyter_server"]
+
 STUB_PATH = str(Path(__file__).parent / "stub_vllm")
 GIB = 1024**3
 

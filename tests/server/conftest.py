@@ -6,8 +6,6 @@ from sage_nb.controlplane import ControlPlane
 
 from ..conftest import STUB_PATH
 
-pytest_plugins = ["pytest_jupyter.jupyter_server"]
-
 
 @pytest.fixture
 def jp_base_url():
