@@ -15,7 +15,7 @@ import uuid
 from pathlib import Path
 
 from . import placement, ports, process
-from .discovery import ENGINE_ID_ENV
+from .discovery import ENGINE_ID_ENV, REGISTRY_ENV
 from .errors import BadRequest, Conflict, EngineFailed
 from .gpus import GpuInventory
 from .launch import LaunchRequest
@@ -124,24 +124,37 @@ class ControlPlane:
                              "directory, not in the Hugging Face cache, and the hub is unreachable")
         return spec
 
+    def plan(self, model: str, kind: str = "llm", **options) -> dict:
+        """What :meth:`start_engine` would do, without doing it: the engine model it would record
+        (GPUs, booked MiB, ``max_model_len``, ``gpu_memory_utilization``, note). Raises like
+        ``start_engine`` when it would refuse; leases and books nothing."""
+        req = LaunchRequest(model=model, kind=kind, **options)
+        spec = self._size(req) if self.inventory.devices() else None
+        with self.registry.snapshot() as txn:
+            return self._decide(txn, req, spec, "(plan)")[0].to_model()
+
+    def _decide(self, txn: Txn, req: LaunchRequest, spec: ModelSpec | None,
+                engine_id: str) -> tuple[Engine, list[placement.GpuView]]:
+        """The engine record a launch would create: name, GPUs, booking (nothing written)."""
+        name = self._unique_name(txn, req)
+        served = req.name or (name if Path(req.model).is_dir() else req.model)
+        engine = Engine(id=engine_id, name=name, model=req.model, served_model_name=served, kind=req.kind,
+                        api_key=secrets.token_urlsafe(24), dtype=req.dtype,
+                        tensor_parallel_size=req.tensor_parallel_size, max_model_len=req.max_model_len,
+                        extra_args=req.extra_args, log_path=str(self.settings.log_dir / f"{engine_id}.log"))
+        views = self._views(txn)
+        if views:
+            self._place(engine, req, spec, views, txn)
+        elif req.gpu_ids:
+            raise BadRequest(f"gpu_ids {req.gpu_ids} given but this machine has no NVIDIA GPU "
+                             f"({self.inventory.error or 'none found'})")
+        return engine, views
+
     def _book(self, req: LaunchRequest, spec: ModelSpec | None) -> Engine:
         """In one transaction: choose GPUs, lease a port, record the engine as ``starting``."""
         engine_id = uuid.uuid4().hex[:12]
         with self.registry.transaction() as txn:
-            name = self._unique_name(txn, req)
-            served = req.name or (name if Path(req.model).is_dir() else req.model)
-            engine = Engine(id=engine_id, name=name, model=req.model,
-                            served_model_name=served, kind=req.kind,
-                            api_key=secrets.token_urlsafe(24), dtype=req.dtype,
-                            tensor_parallel_size=req.tensor_parallel_size,
-                            max_model_len=req.max_model_len, extra_args=req.extra_args,
-                            log_path=str(self.settings.log_dir / f"{engine_id}.log"))
-            views = self._views(txn)
-            if views:
-                self._place(engine, req, spec, views, txn)
-            elif req.gpu_ids:
-                raise BadRequest(f"gpu_ids {req.gpu_ids} given but this machine has no NVIDIA GPU "
-                                 f"({self.inventory.error or 'none found'})")
+            engine, views = self._decide(txn, req, spec, engine_id)
             engine.port = ports.lease(txn, engine_id, self.settings.port_range, req.port)
             txn.insert(engine)
             for index in engine.gpu_ids:
@@ -196,6 +209,7 @@ class ControlPlane:
         env = dict(os.environ)
         env.update(self.settings.engine_env)
         env[ENGINE_ID_ENV] = engine.id
+        env[REGISTRY_ENV] = str(self.settings.db_path.resolve())
         env["VLLM_API_KEY"] = engine.api_key
         if engine.device == "cuda":
             env["CUDA_DEVICE_ORDER"] = "PCI_BUS_ID"

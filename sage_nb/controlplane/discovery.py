@@ -10,6 +10,7 @@ import psutil
 from .process import API_SERVER_MODULE, VLLM_TITLE_PREFIX
 
 ENGINE_ID_ENV = "SAGE_NB_ENGINE_ID"
+REGISTRY_ENV = "SAGE_NB_REGISTRY"  # which registry launched an engine: others leave it alone
 EMBEDDING_TASKS = {"embed", "embedding", "pooling", "score", "classify", "reward"}
 
 
@@ -27,6 +28,7 @@ class FoundServer:
     api_key: str = ""
     gpu_ids: list[int] = field(default_factory=list)
     engine_id: str | None = None      # set when sage_nb launched it
+    registry: str | None = None       # the registry of the sage_nb that launched it
     tensor_parallel_size: int = 1
     max_model_len: int | None = None
 
@@ -131,7 +133,7 @@ def find_servers() -> list[FoundServer]:
             pid=proc.pid, create_time=info["create_time"],
             host="127.0.0.1" if host in ("0.0.0.0", "", "::", "localhost") else host,
             gpu_ids=_gpu_ids(env.get("CUDA_VISIBLE_DEVICES")),
-            engine_id=env.get(ENGINE_ID_ENV),
+            engine_id=env.get(ENGINE_ID_ENV), registry=env.get(REGISTRY_ENV),
             **{**parsed, "api_key": parsed["api_key"] or env.get("VLLM_API_KEY", "")}))
     return found
 

@@ -51,9 +51,10 @@ def rediscover(cp: ControlPlane) -> dict:
                 expect=LIVE):
             report["failed"].append(engine.id)
 
+    mine = str(cp.settings.db_path.resolve())
     for server in servers:
-        if server.pid in claimed:
-            continue
+        if server.pid in claimed or (server.registry and server.registry != mine):
+            continue  # ours already, or launched by a sage_nb with another registry
         engine_id = adopt(cp, server)
         if engine_id:
             report["adopted"].append(engine_id)

@@ -231,3 +231,25 @@ def test_settings_reject_bad_values(state_dir):
         ControlPlane(state_dir=state_dir, port_range=(10, 5))
     with pytest.raises(BadRequest):
         ControlPlane(state_dir=state_dir, fake_gpus="[{]")
+
+
+def test_plan_places_without_booking(stub_cp, model_dir):
+    cp = stub_cp(fake_gpus=BUSY_BOX)
+    plan = cp.plan(str(model_dir(30)), name="p")
+    assert plan["gpu_ids"] == [1] and plan["booked_mib"] > 30 * 1024 and plan["port"] is None
+    assert cp.engines() == [] and leases(cp) == ({}, [])
+    with pytest.raises(Conflict, match="no GPU has room"):
+        cp.plan(str(model_dir(140)))
+    shrunk = stub_cp(fake_gpus=[{"total_mib": 24576, "used_mib": 0}]).plan(str(model_dir(16, max_pos=131072)))
+    assert shrunk["max_model_len"] < 131072 and "reduced" in shrunk["note"]
+
+
+def test_engines_of_another_registry_are_not_adopted(stub_cp, model_dir, tmp_path):
+    cp = stub_cp()
+    mine = cp.start_engine(str(model_dir(1)), name="mine")
+    other = ControlPlane(state_dir=tmp_path / "other-state", monitor=False)
+    try:
+        report = other.discover()
+        assert mine["id"] not in report["adopted"] and other.engines() == []
+    finally:
+        other.close()

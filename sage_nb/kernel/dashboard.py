@@ -1,0 +1,215 @@
+"""The live dashboard: GPU memory bars, the engine table and actions, in ipywidgets.
+
+Refreshed by an asyncio task on the kernel's own loop (ipykernel 7 drops widget
+updates made from other threads); data is fetched in a worker thread and widgets
+change only when the data changed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import html
+import json
+
+import ipywidgets as w
+import psutil
+
+from .client import Client
+from .views import uptime
+
+COLORS = {"other": "#9e9e9e", "booked": "#1f77b4", "free": "#d9ead3"}
+STATE_COLORS = {"ready": "#2e7d32", "starting": "#f9a825", "stopping": "#6d4c41", "failed": "#c62828",
+                "stopped": "#757575"}
+
+
+def gpu_bar_html(gpu: dict) -> str:
+    """One GPU as a bar: memory used by others, booked by sage_nb engines, and free."""
+    total = max(1, gpu["total_mib"])
+    booked = min(gpu["booked_mib"], gpu["total_mib"])
+    other = max(0, gpu["used_mib"] - booked) if gpu.get("source") == "nvml" else gpu["used_mib"]
+    free = max(0, total - other - booked)
+    parts = [("other", other, "used by others"), ("booked", booked, "booked by sage_nb"), ("free", free, "free")]
+    segs = "".join(f"<div title='{label}: {mib} MiB' style='width:{100 * mib / total:.2f}%;"
+                   f"background:{COLORS[key]}' class='sage-nb-seg sage-nb-{key}'></div>"
+                   for key, mib, label in parts if mib > 0)
+    util = "" if gpu.get("utilization") is None else f" · util {gpu['utilization']}%"
+    return (f"<div class='sage-nb-gpu'><b>GPU{gpu['index']}</b> {html.escape(gpu['name'])} — "
+            f"{other} MiB others, {booked} MiB booked, {free} MiB free of {total} MiB{util}"
+            f"<div style='display:flex;height:14px;border:1px solid #888;width:100%'>{segs}</div></div>")
+
+
+def cpu_html(note: str, host: dict) -> str:
+    return (f"<div class='sage-nb-cpu'><b>no NVIDIA GPU</b> — {html.escape(note)}; engines run on CPU.<br>"
+            f"CPU {host.get('cpu', 0)}% of {host.get('cores', '?')} cores · RAM "
+            f"{host.get('ram_used', 0)} of {host.get('ram_total', 0)} MiB used</div>")
+
+
+class Dashboard(w.VBox):
+    """GPUs, engines and actions; ``%llm dashboard`` shows one. Refreshes every ``interval`` s."""
+
+    def __init__(self, client: Client | None = None, interval: float = 2.0, autostart: bool = True) -> None:
+        from sage_nb import client as default
+
+        self.client = client or default.get_client()
+        self.interval = interval
+        self.snapshot: dict = {}
+        self.status = w.HTML(layout=w.Layout(min_height="1.2em"))
+        self.gpu_box = w.VBox()
+        self.engine_box = w.VBox()
+        self.logs = w.Output(layout=w.Layout(max_height="20em", overflow="auto"))
+        self.pause_button = w.ToggleButton(description="pause", icon="pause", value=False)
+        self.pause_button.observe(lambda change: self.pause(change["new"]), "value")
+        prune = w.Button(description="prune", icon="trash", tooltip="remove stopped and failed engines")
+        prune.on_click(lambda _: self._act(self.client.prune))
+        self.model = w.Text(placeholder="model id or path", description="model")
+        self.kind = w.Dropdown(options=["llm", "embedding"], value="llm", description="kind")
+        self.tp = w.BoundedIntText(value=1, min=1, max=64, description="TP GPUs")
+        start = w.Button(description="start", icon="play", button_style="success")
+        start.on_click(lambda _: self._start())
+        form = w.HBox([self.model, self.kind, self.tp, start])
+        super().__init__([w.HTML("<h4>sage_nb</h4>"), self.gpu_box, self.engine_box,
+                          w.HBox([prune, self.pause_button]), form, self.status, self.logs])
+        self._task: asyncio.Task | None = None
+        self.refresh()
+        if autostart:
+            self.start_refresh()
+
+    # ------------------------------------------------------------------ data
+    def fetch(self) -> dict:
+        """Everything the dashboard shows (blocking: called in a worker thread)."""
+        data = {"gpus": self.client.gpus(), "engines": self.client.engines(), "mode": self.client.mode}
+        if not data["gpus"]["devices"]:
+            mem = psutil.virtual_memory()
+            data["host"] = {"cpu": round(psutil.cpu_percent(interval=None)), "cores": psutil.cpu_count(),
+                            "ram_used": (mem.total - mem.available) // 2**20, "ram_total": mem.total // 2**20}
+        return data
+
+    def refresh(self, data: dict | None = None) -> bool:
+        """Update the widgets from ``data`` (fetched now if None); False when nothing changed."""
+        try:
+            data = data or self.fetch()
+        except Exception as e:
+            self.status.value = f"<span style='color:#c62828'>refresh failed: {html.escape(str(e))}</span>"
+            return False
+        if data == self.snapshot:
+            return False
+        if data["gpus"] != self.snapshot.get("gpus") or data.get("host") != self.snapshot.get("host"):
+            self._show_gpus(data["gpus"], data.get("host"))
+        if data["engines"] != self.snapshot.get("engines"):
+            self._show_engines(data["engines"])
+        self.snapshot = data
+        return True
+
+    def _show_gpus(self, report: dict, host: dict | None) -> None:
+        if report["devices"]:
+            rows = [gpu_bar_html({**g, "source": report["source"]}) for g in report["devices"]]
+        else:
+            rows = [cpu_html(report.get("error") or "none found", host or {})]
+        self.gpu_box.children = [w.HTML(r) for r in rows]
+
+    def _show_engines(self, engines: list[dict]) -> None:
+        header = ["name", "model", "kind", "state", "GPUs", "port", "uptime", "health"]
+        cells = [w.HTML(f"<b>{h}</b>") for h in header] + [w.HTML("")] * 2
+        for e in engines:
+            color = STATE_COLORS.get(e["state"], "#000")
+            health = "ok" if e["state"] == "ready" else (e.get("error") or "").split("\n")[0][:60]
+            values = [e["name"], e["served_model_name"], e["kind"],
+                      f"<span style='color:{color}'>{e['state']}</span>",
+                      ",".join(map(str, e["gpu_ids"])) or "cpu", e["port"], uptime(e), html.escape(health)]
+            cells += [w.HTML(f"<span class='sage-nb-cell'>{v}</span>") for v in values]
+            stop = w.Button(description="stop", icon="stop", layout=w.Layout(width="auto"),
+                            disabled=e["state"] not in ("starting", "ready"))
+            stop.on_click(lambda _, i=e["id"]: self._act(self.client.stop, i))
+            logs = w.Button(description="logs", icon="file-text", layout=w.Layout(width="auto"))
+            logs.on_click(lambda _, i=e["id"]: self.show_logs(i))
+            cells += [stop, logs]
+        if not engines:
+            self.engine_box.children = [w.HTML("<i>no engines — start one below or with %llm start</i>")]
+            return
+        grid = w.GridBox(cells, layout=w.Layout(grid_template_columns="repeat(10, auto)", grid_gap="2px 12px"))
+        self.engine_box.children = [grid]
+
+    # ------------------------------------------------------------------ actions
+    def _act(self, fn, *args) -> None:
+        try:
+            result = fn(*args)
+            self.status.value = html.escape(f"done: {json.dumps(result)[:200]}")
+        except Exception as e:
+            self.status.value = f"<span style='color:#c62828'>{html.escape(str(e))}</span>"
+        self.refresh()
+
+    def _start(self) -> None:
+        model = self.model.value.strip()
+        if not model:
+            self.status.value = "<span style='color:#c62828'>enter a model id or path</span>"
+            return
+        self._act(lambda: self.client.start(model, self.kind.value, wait=False,
+                                            tensor_parallel_size=self.tp.value)["name"])
+
+    def show_logs(self, engine_id: str, lines: int = 60) -> None:
+        self.logs.clear_output()
+        try:
+            text = self.client.logs(engine_id, lines)
+        except Exception as e:
+            text = str(e)
+        self.logs.append_stdout(text or "(empty log)\n")
+
+    # ------------------------------------------------------------------ refresh task
+    def start_refresh(self) -> None:
+        """Refresh every ``interval`` seconds on the kernel's event loop (no threads touch widgets)."""
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            try:
+                loop = asyncio.get_event_loop()
+            except RuntimeError:
+                return
+        if self._task is None or self._task.done():
+            self._task = loop.create_task(self._run())
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(self.interval)
+            try:
+                data = await loop.run_in_executor(None, self.fetch)
+            except Exception as e:
+                self.status.value = f"<span style='color:#c62828'>refresh failed: {html.escape(str(e))}</span>"
+                continue
+            self.refresh(data)
+
+    def pause(self, paused: bool = True) -> None:
+        """Stop (or resume) the periodic refresh."""
+        if paused and self._task is not None:
+            self._task.cancel()
+            self._task = None
+        elif not paused:
+            self.start_refresh()
+        if self.pause_button.value != paused:
+            self.pause_button.value = paused
+
+    def close(self) -> None:
+        self.pause(True)
+        super().close()
+
+    # ------------------------------------------------------------------ text
+    def __repr__(self) -> str:
+        data = self.snapshot or {"gpus": {"devices": [], "source": "none"}, "engines": [], "mode": "?"}
+        lines = [f"sage_nb dashboard ({data['mode']} mode)"]
+        for g in data["gpus"]["devices"]:
+            lines.append(f"  GPU{g['index']} {g['name']}: used {g['used_mib']} / booked {g['booked_mib']} / "
+                         f"free {g['free_mib']} of {g['total_mib']} MiB")
+        if not data["gpus"]["devices"]:
+            lines.append(f"  no NVIDIA GPU ({data['gpus'].get('error') or 'none found'}): engines run on CPU")
+        for e in data["engines"]:
+            lines.append(f"  {e['name']:<20} {e['kind']:<9} {e['state']:<8} port {e['port']} "
+                         f"gpus {','.join(map(str, e['gpu_ids'])) or 'cpu'} {e['served_model_name']}")
+        if not data["engines"]:
+            lines.append("  no engines")
+        return "\n".join(lines)
+
+    def _repr_mimebundle_(self, **kwargs):
+        bundle = super()._repr_mimebundle_(**kwargs)
+        if isinstance(bundle, dict):
+            bundle["text/plain"] = repr(self)
+        return bundle

@@ -1,0 +1,77 @@
+"""``%llm doctor``: check the setup from this kernel and say how to fix each problem."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+
+from sage_nb.controlplane.settings import Settings
+
+from .client import Client
+from .views import Table
+
+FIND_VLLM = "import importlib.util as u; s = u.find_spec('vllm'); print(s.origin if s else '')"
+
+
+def checks(client: Client) -> list[list[str]]:
+    """Rows of ``[check, status, detail, fix]``; status is OK, WARN or FAIL."""
+    rows = []
+    if client.mode == "server":
+        rows.append(["server extension", "OK", f"reachable at {client.server.url} (from {client.server.source})", ""])
+        rows.append(["token", "OK", "accepted by the server", ""])
+    else:
+        token_problem = "token" in client.why_embedded or "403" in client.why_embedded
+        rows.append(["server extension", "WARN", f"embedded mode: {client.why_embedded}",
+                     "start JupyterLab from the environment where sage_nb is installed; "
+                     "`jupyter server extension list` must show sage_nb OK"])
+        rows.append(["token", "FAIL" if token_problem else "OK",
+                     client.why_embedded if token_problem else "no server to ask",
+                     "set SAGE_NB_TOKEN to the server's token" if token_problem else ""])
+    settings = Settings() if client.control_plane is None else client.control_plane.settings
+    db = settings.db_path
+    writable = os.access(db.parent if db.parent.exists() else db.parent.parent, os.W_OK)
+    rows.append(["registry", "OK" if writable else "FAIL", str(db),
+                 "" if writable else f"make {db.parent} writable or set SAGE_NB_STATE_DIR"])
+    try:
+        gpus = client.gpus()
+    except Exception as e:  # report, don't crash the doctor
+        gpus = {"source": "none", "error": str(e), "devices": []}
+    if gpus["devices"]:
+        rows.append(["GPUs", "OK", f"{len(gpus['devices'])} GPU(s) via {gpus['source']}", ""])
+    else:
+        rows.append(["GPUs", "OK", f"no NVIDIA GPU ({gpus.get('error') or 'none'}): engines run on CPU",
+                     "install NVIDIA drivers and the gpu extra for GPU engines"])
+    rows.append(vllm_check(settings.engine_python))
+    try:
+        engines = client.engines()
+    except Exception as e:
+        engines = []
+        rows.append(["engines", "FAIL", f"cannot list engines: {e}", "see the server log"])
+    for e in engines:
+        if e["state"] == "failed":
+            first = (e.get("error") or "").splitlines()[0] if e.get("error") else "failed"
+            rows.append([f"engine {e['name']}", "FAIL", first, f"%llm logs {e['name']}; then %llm prune"])
+        elif e["state"] == "starting":
+            rows.append([f"engine {e['name']}", "WARN", "still starting", f"%llm logs {e['name']}"])
+        elif e["state"] == "ready":
+            rows.append([f"engine {e['name']}", "OK", f"ready on port {e['port']}", ""])
+    return rows
+
+
+def vllm_check(python: str) -> list[str]:
+    try:
+        out = subprocess.run([python, "-c", FIND_VLLM], capture_output=True, text=True, timeout=60)
+        origin = out.stdout.strip()
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return ["vLLM", "FAIL", f"engine interpreter {python} does not run: {e}", "set SAGE_NB_ENGINE_PYTHON"]
+    if not origin:
+        return ["vLLM", "FAIL", f"vllm is not importable by {python}",
+                "pip install 'sage_nb[cpu]' (no GPU) or 'sage_nb[gpu]' in that environment"]
+    return ["vLLM", "OK", f"importable by {python}", ""]
+
+
+def report(client: Client) -> Table:
+    rows = checks(client)
+    bad = sum(r[1] == "FAIL" for r in rows)
+    footer = "all good" if not bad else f"{bad} problem(s): see the fix column"
+    return Table("sage_nb doctor", ["check", "status", "detail", "fix"], rows, footer=footer)

@@ -1,0 +1,134 @@
+"""``%llm`` and ``%%llm``: parsing lives in :mod:`.parsing`, the work in :class:`.client.Client`."""
+
+from __future__ import annotations
+
+import re
+import time
+
+from IPython.core.magic import Magics, line_cell_magic, magics_class
+from IPython.display import Markdown, display
+from traitlets import Unicode
+
+from sage_nb.controlplane import ControlPlaneError
+
+from . import doctor, views
+from .client import Client
+from .parsing import parse_cell, parse_line
+
+
+class SageNBError(Exception):
+    """A runtime failure shown as one line (nbval still fails the cell)."""
+
+    def _render_traceback_(self) -> list[str]:
+        return [f"sage_nb: {self}"]
+
+
+@magics_class
+class LLMMagics(Magics):
+    """``%llm start|stop|engines|backends|gpus|prune|logs|dashboard|doctor`` and ``%%llm``."""
+
+    server_url = Unicode("", help="Jupyter server URL (default: this kernel's server).").tag(config=True)
+    token = Unicode("", help="Jupyter server token (default: from the server's info file).").tag(config=True)
+
+    def __init__(self, shell=None, **kwargs) -> None:
+        super().__init__(shell=shell, **kwargs)
+        self._client: Client | None = None
+
+    @property
+    def client(self) -> Client:
+        from sage_nb import client as default
+
+        if self._client is None:
+            if self.server_url:
+                self._client = Client(url=self.server_url, token=self.token or None)
+                default.set_client(self._client)
+            else:
+                self._client = default.get_client()
+        return self._client
+
+    @line_cell_magic
+    def llm(self, line: str, cell: str | None = None):
+        """Manage vLLM engines (``%llm --help``), or chat with the cell (``%%llm --help``)."""
+        if cell is not None:
+            return self._chat(line, cell)
+        parsed = parse_line(line)
+        if parsed is None:
+            return None
+        args = parsed.args
+        try:
+            if args.command == "start":
+                return self._start(args, parsed.vllm_args)
+            return getattr(self, f"_cmd_{args.command}")(args)
+        except ControlPlaneError as e:
+            raise SageNBError(e.message) from None
+        except (ConnectionError, OSError) as e:
+            raise SageNBError(f"cannot reach the sage_nb server: {e}") from None
+
+    # ------------------------------------------------------------------ commands
+    def _start(self, args, vllm_args: list[str]):
+        options = {k: getattr(args, k) for k in ("name", "tensor_parallel_size", "gpu_ids", "port",
+                                                  "max_model_len", "dtype")}
+        kind = "embedding" if args.embedding else "llm"
+        if args.no_wait:
+            engine = self.client.start(args.model, kind, wait=False, extra_args=vllm_args, **options)
+            return views.engines_table([engine], "sage_nb: starting (use %llm engines to follow)")
+        handle = display(Markdown(f"⏳ starting **{args.model}** ({kind}) …"), display_id=True)
+        t0 = time.monotonic()
+
+        def progress(engine: dict, phase: str) -> None:
+            where = ",".join(f"GPU{g}" for g in engine["gpu_ids"]) or "CPU"
+            mark = "✅" if phase == "ready" else "⏳"
+            handle.update(Markdown(f"{mark} **{engine['name']}** ({kind}, {where}, port {engine['port']}): "
+                                   f"{phase} — {time.monotonic() - t0:.0f} s"))
+
+        engine = self.client.start(args.model, kind, wait=True, extra_args=vllm_args, on_progress=progress,
+                                   **options)
+        return views.engines_table([engine], "sage_nb: ready")
+
+    def _cmd_stop(self, args):
+        return views.engines_table([self.client.stop(args.engine)], "sage_nb: stopped")
+
+    def _cmd_engines(self, args):
+        return views.engines_table(self.client.engines())
+
+    def _cmd_backends(self, args):
+        return views.backends_table(self.client.backends())
+
+    def _cmd_gpus(self, args):
+        return views.gpus_table(self.client.gpus())
+
+    def _cmd_prune(self, args):
+        removed = self.client.prune()
+        return views.Table("sage_nb: pruned", ["id"], [[i] for i in removed], empty="nothing to prune")
+
+    def _cmd_logs(self, args):
+        return views.Logs(args.engine, self.client.logs(args.engine, args.lines))
+
+    def _cmd_dashboard(self, args):
+        from .dashboard import Dashboard
+
+        return Dashboard(client=self.client)
+
+    def _cmd_doctor(self, args):
+        return doctor.report(self.client)
+
+    # ------------------------------------------------------------------ %%llm
+    def _chat(self, line: str, cell: str):
+        args = parse_cell(line)
+        if args is None:
+            return None
+        namespace = self.shell.user_ns if self.shell is not None else {}
+        prompt = re.sub(r"\{([A-Za-z_][A-Za-z0-9_]*)\}",
+                        lambda m: str(namespace[m.group(1)]) if m.group(1) in namespace else m.group(0), cell)
+        messages = ([{"role": "system", "content": args.system}] if args.system else [])
+        messages.append({"role": "user", "content": prompt.strip()})
+        try:
+            oa = self.client.llm(args.model)
+            reply = oa.chat.completions.create(model=oa.model, messages=messages, max_tokens=args.max_tokens,
+                                               temperature=args.temperature)
+        except ControlPlaneError as e:
+            raise SageNBError(e.message) from None
+        except Exception as e:  # openai errors: one clear line
+            raise SageNBError(f"chat request failed: {e}") from None
+        display(Markdown(reply.choices[0].message.content or ""))
+        return None

@@ -1,0 +1,134 @@
+"""Argument parsing of ``%llm`` and ``%%llm``, apart from their execution.
+
+Bad arguments raise IPython's ``UsageError``; ``--help`` prints the help and returns ``None``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+from dataclasses import dataclass
+
+from IPython.core.error import UsageError
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):
+        raise UsageError(f"{self.prog}: {message}\n{self.format_usage().strip()}")
+
+    def exit(self, status: int = 0, message: str | None = None):
+        raise _HelpShown()
+
+
+class _HelpShown(Exception):
+    pass
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _port(text: str) -> int:
+    value = _positive(text)
+    if value > 65535:
+        raise argparse.ArgumentTypeError(f"port {value} is out of range (1-65535)")
+    return value
+
+
+def _gpu_list(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected GPU indices like 0,1 — got {text!r}") from None
+
+
+def _temperature(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not 0 <= value <= 2:
+        raise argparse.ArgumentTypeError("must be between 0 and 2")
+    return value
+
+
+def line_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="%llm", description="Manage vLLM engines from a notebook.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True, parser_class=_Parser)
+    start = sub.add_parser("start", help="start an engine", description="Start a vLLM engine. Arguments after "
+                           "'--' go to vLLM unchanged.")
+    start.add_argument("model", help="Hugging Face model id or local model directory")
+    start.add_argument("--embedding", action="store_true", help="an embedding engine (default: an LLM)")
+    start.add_argument("--name", help="engine name (also its served model name)")
+    start.add_argument("--tp", type=_positive, default=1, dest="tensor_parallel_size", help="tensor parallel GPUs")
+    start.add_argument("--gpus", type=_gpu_list, dest="gpu_ids", help="GPU indices to use, e.g. 0,1")
+    start.add_argument("--port", type=_port, help="port to serve on (default: a free leased one)")
+    start.add_argument("--max-model-len", type=_positive, help="context length (default: the model's, "
+                       "shrunk to fit free GPU memory)")
+    start.add_argument("--dtype", help="auto, float16, bfloat16, float32")
+    start.add_argument("--no-wait", action="store_true", help="return at once while vLLM loads")
+    for name, text in (("stop", "stop an engine (frees its port and GPU memory)"),
+                       ("logs", "show the tail of an engine's log")):
+        p = sub.add_parser(name, help=text, description=text)
+        p.add_argument("engine", help="engine id or name")
+        if name == "logs":
+            p.add_argument("-n", "--lines", type=_positive, default=40, help="how many lines")
+    for name, text in (("engines", "list engines"), ("backends", "ready backends by kind"),
+                       ("gpus", "GPU memory: used, booked, free"), ("prune", "remove stopped/failed engines"),
+                       ("dashboard", "live dashboard widget"), ("doctor", "check the setup and say what to fix")):
+        sub.add_parser(name, help=text, description=text)
+    return parser
+
+
+def cell_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="%%llm", description="Send the cell as a chat message to an LLM backend; "
+                     "{name} is filled from the notebook's variables.")
+    parser.add_argument("--model", help="served name, model or engine name (default: any LLM)")
+    parser.add_argument("--system", help="system prompt")
+    parser.add_argument("--max-tokens", type=_positive, default=256)
+    parser.add_argument("--temperature", type=_temperature, default=0.7)
+    return parser
+
+
+@dataclass
+class Parsed:
+    args: argparse.Namespace
+    vllm_args: list[str]
+
+
+def _split(line: str) -> list[str]:
+    try:
+        return shlex.split(line)
+    except ValueError as e:
+        raise UsageError(f"%llm: cannot parse arguments: {e}") from None
+
+
+def parse_line(line: str) -> Parsed | None:
+    """Parse ``%llm`` arguments; ``None`` when only help was asked for."""
+    words = _split(line)
+    vllm_args: list[str] = []
+    if "--" in words:
+        cut = words.index("--")
+        words, vllm_args = words[:cut], words[cut + 1:]
+    if not words:
+        words = ["--help"]
+    try:
+        args = line_parser().parse_args(words)
+    except _HelpShown:
+        return None
+    if vllm_args and args.command != "start":
+        raise UsageError("%llm: arguments after '--' are only for 'start'")
+    return Parsed(args, vllm_args)
+
+
+def parse_cell(line: str) -> argparse.Namespace | None:
+    try:
+        return cell_parser().parse_args(_split(line))
+    except _HelpShown:
+        return None

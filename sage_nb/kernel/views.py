@@ -1,0 +1,79 @@
+"""Results of the magics: tables with an HTML repr for notebooks and aligned text for terminals."""
+
+from __future__ import annotations
+
+import html
+import time
+
+
+class Table:
+    """Rows under a title; ``_repr_html_`` in notebooks, aligned columns as text."""
+
+    def __init__(self, title: str, columns: list[str], rows: list[list], empty: str = "none",
+                 footer: str | None = None) -> None:
+        self.title, self.columns, self.empty, self.footer = title, columns, empty, footer
+        self.rows = [["" if v is None else str(v) for v in row] for row in rows]
+
+    def __repr__(self) -> str:
+        lines = [self.title]
+        if not self.rows:
+            lines.append(f"  ({self.empty})")
+        else:
+            widths = [max(len(c), *(len(r[i]) for r in self.rows)) for i, c in enumerate(self.columns)]
+            lines.append("  ".join(c.ljust(w) for c, w in zip(self.columns, widths, strict=True)).rstrip())
+            lines += ["  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)).rstrip() for r in self.rows]
+        if self.footer:
+            lines.append(self.footer)
+        return "\n".join(lines)
+
+    def _repr_html_(self) -> str:
+        head = "".join(f"<th style='text-align:left'>{html.escape(c)}</th>" for c in self.columns)
+        body = "".join("<tr>" + "".join(f"<td style='text-align:left'>{html.escape(v)}</td>" for v in r)
+                       + "</tr>" for r in self.rows)
+        if not self.rows:
+            body = f"<tr><td colspan='{len(self.columns)}'><i>{html.escape(self.empty)}</i></td></tr>"
+        foot = f"<div>{html.escape(self.footer)}</div>" if self.footer else ""
+        return (f"<div class='sage-nb-table'><b>{html.escape(self.title)}</b><table><thead><tr>{head}</tr>"
+                f"</thead><tbody>{body}</tbody></table>{foot}</div>")
+
+
+def uptime(engine: dict) -> str:
+    if engine.get("state") != "ready" or not engine.get("ready_at"):
+        return ""
+    seconds = int(time.time() - engine["ready_at"])
+    return f"{seconds // 3600}h{seconds // 60 % 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
+
+
+def engines_table(engines: list[dict], title: str = "sage_nb engines") -> Table:
+    rows = [[e["id"], e["name"], e["kind"], e["state"], ",".join(map(str, e["gpu_ids"])) or e.get("device", "cpu"),
+             e["port"], uptime(e), e["served_model_name"]] for e in engines]
+    return Table(title, ["id", "name", "kind", "state", "gpus", "port", "uptime", "model"], rows,
+                 empty="no engines — start one with %llm start <model>")
+
+
+def backends_table(backends: dict) -> Table:
+    rows = [[b["kind"], b["served_model_name"], b["name"], b["id"], b["base_url"]]
+            for b in backends["llm_backends"] + backends["embedding_backends"]]
+    return Table("sage_nb backends", ["kind", "model", "engine", "id", "engine url"], rows,
+                 empty="no ready backends — start one with %llm start <model>")
+
+
+def gpus_table(report: dict) -> Table:
+    rows = [[d["index"], d["name"], d["total_mib"], d["used_mib"], d["booked_mib"], d["available_mib"],
+             "" if d.get("utilization") is None else f"{d['utilization']}%"] for d in report["devices"]]
+    empty = f"no NVIDIA GPU ({report.get('error') or 'none found'}): engines run on CPU"
+    return Table(f"GPUs ({report['source']})", ["gpu", "name", "total MiB", "used MiB", "booked MiB",
+                                                 "available MiB", "util"], rows, empty=empty)
+
+
+class Logs:
+    """An engine's log tail, shown as preformatted text."""
+
+    def __init__(self, engine: str, text: str) -> None:
+        self.engine, self.text = engine, text
+
+    def __repr__(self) -> str:
+        return self.text.rstrip("\n") or f"(the log of {self.engine} is empty)"
+
+    def _repr_html_(self) -> str:
+        return f"<pre style='max-height:30em;overflow:auto'>{html.escape(repr(self))}</pre>"

@@ -1,0 +1,82 @@
+"""A real ``jupyter server`` subprocess with the sage_nb extension, for end-to-end tests."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+
+TOKEN = "sage-test-token"
+BASE = "/jp%40x/"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """A jupyter server subprocess with the sage_nb extension enabled."""
+
+    def __init__(self, root, state_dir, port, port_range=(18900, 18949)):
+        self.root, self.state_dir, self.port, self.proc = root, state_dir, port, None
+        self.port_range = port_range
+        self.url = f"http://127.0.0.1:{port}{BASE}"
+
+    def start(self) -> None:
+        env = {**os.environ, "JUPYTER_CONFIG_DIR": str(self.root / "cfg"),
+               "JUPYTER_RUNTIME_DIR": str(self.root / "runtime"), "JUPYTER_DATA_DIR": str(self.root / "data")}
+        self.log = open(self.root / f"server-{time.time():.0f}.log", "wb")  # noqa: SIM115
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "jupyter_server", "--no-browser", "--allow-root", f"--port={self.port}",
+             "--ip=127.0.0.1", f"--ServerApp.base_url={BASE}", f"--IdentityProvider.token={TOKEN}",
+             "--ServerApp.jpserver_extensions={'sage_nb': True}",
+             f"--SageNBApp.state_dir={self.state_dir}", f"--SageNBApp.port_range={tuple(self.port_range)}"],
+            env=env, stdout=self.log, stderr=subprocess.STDOUT, cwd=self.root)
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if self.get("api/status")[0] == 200:
+                    return
+            except OSError:
+                pass
+            assert self.proc.poll() is None and time.monotonic() < deadline, self.log_text()
+            time.sleep(0.2)
+
+    def log_text(self) -> str:
+        return self.log.name and open(self.log.name, errors="replace").read()[-3000:]
+
+    def request(self, method: str, path: str, body=None):
+        data = json.dumps(body).encode() if body is not None else None
+        req = urllib.request.Request(self.url + path, data=data, method=method,
+                                     headers={"Authorization": f"token {TOKEN}"})
+        try:
+            with urllib.request.urlopen(req, timeout=30) as resp:
+                return resp.status, json.loads(resp.read() or b"null")
+        except urllib.error.HTTPError as e:
+            return e.code, json.loads(e.read() or b"null")
+
+    def get(self, path: str):
+        return self.request("GET", path)
+
+    def kill(self) -> None:
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait()
+
+
+def wait_ready(server: Server, engine_id: str, timeout: float = 600) -> dict:
+    deadline = time.monotonic() + timeout
+    while True:
+        code, e = server.get(f"sage_nb/api/engines/{engine_id}")
+        assert code == 200, e
+        if e["state"] == "ready":
+            return e
+        assert e["state"] == "starting" and time.monotonic() < deadline, e
+        time.sleep(0.5)
