@@ -25,20 +25,23 @@ def free_port() -> int:
 class Server:
     """A jupyter server subprocess with the sage_nb extension enabled."""
 
-    def __init__(self, root, state_dir, port, port_range=(18900, 18949)):
+    def __init__(self, root, state_dir, port, port_range=(18900, 18949), extra_args=()):
         self.root, self.state_dir, self.port, self.proc = root, state_dir, port, None
-        self.port_range = port_range
+        self.port_range, self.extra_args = port_range, list(extra_args)
         self.url = f"http://127.0.0.1:{port}{BASE}"
 
     def start(self) -> None:
         env = {**os.environ, "JUPYTER_CONFIG_DIR": str(self.root / "cfg"),
                "JUPYTER_RUNTIME_DIR": str(self.root / "runtime"), "JUPYTER_DATA_DIR": str(self.root / "data")}
+        (self.root / "cfg").mkdir(exist_ok=True)  # the config-file route: c.SageNBApp.port_range
+        (self.root / "cfg" / "jupyter_server_config.json").write_text(
+            json.dumps({"SageNBApp": {"port_range": list(self.port_range)}}))
         self.log = open(self.root / f"server-{time.time():.0f}.log", "wb")  # noqa: SIM115
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "jupyter_server", "--no-browser", "--allow-root", f"--port={self.port}",
              "--ip=127.0.0.1", f"--ServerApp.base_url={BASE}", f"--IdentityProvider.token={TOKEN}",
              "--ServerApp.jpserver_extensions={'sage_nb': True}",
-             f"--SageNBApp.state_dir={self.state_dir}", f"--SageNBApp.port_range={tuple(self.port_range)}"],
+             f"--SageNBApp.state_dir={self.state_dir}", *self.extra_args],
             env=env, stdout=self.log, stderr=subprocess.STDOUT, cwd=self.root)
         deadline = time.monotonic() + 60
         while True:

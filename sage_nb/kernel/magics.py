@@ -6,7 +6,7 @@ import re
 import time
 
 from IPython.core.magic import Magics, line_cell_magic, magics_class
-from IPython.display import Markdown, display
+from IPython.display import display
 from traitlets import Unicode
 
 from sage_nb.controlplane import ControlPlaneError
@@ -72,14 +72,14 @@ class LLMMagics(Magics):
         if args.no_wait:
             engine = self.client.start(args.model, kind, wait=False, extra_args=vllm_args, **options)
             return views.engines_table([engine], "sage_nb: starting (use %llm engines to follow)")
-        handle = display(Markdown(f"⏳ starting **{args.model}** ({kind}) …"), display_id=True)
+        handle = display(views.Note(f"⏳ starting **{args.model}** ({kind}) …"), display_id=True)
         t0 = time.monotonic()
 
         def progress(engine: dict, phase: str) -> None:
             where = ",".join(f"GPU{g}" for g in engine["gpu_ids"]) or "CPU"
             mark = "✅" if phase == "ready" else "⏳"
-            handle.update(Markdown(f"{mark} **{engine['name']}** ({kind}, {where}, port {engine['port']}): "
-                                   f"{phase} — {time.monotonic() - t0:.0f} s"))
+            handle.update(views.Note(f"{mark} **{engine['name']}** ({kind}, {where}, port {engine['port']}): "
+                                     f"{phase} — {time.monotonic() - t0:.0f} s"))
 
         engine = self.client.start(args.model, kind, wait=True, extra_args=vllm_args, on_progress=progress,
                                    **options)
@@ -130,5 +130,6 @@ class LLMMagics(Magics):
             raise SageNBError(e.message) from None
         except Exception as e:  # openai errors: one clear line
             raise SageNBError(f"chat request failed: {e}") from None
-        display(Markdown(reply.choices[0].message.content or ""))
+        text = reply.choices[0].message.content or ""
+        display(views.Note(text, text))
         return None

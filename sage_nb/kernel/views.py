@@ -77,3 +77,17 @@ class Logs:
 
     def _repr_html_(self) -> str:
         return f"<pre style='max-height:30em;overflow:auto'>{html.escape(repr(self))}</pre>"
+
+
+class Note:
+    """A line of Markdown that also reads well as plain text (terminals, nbval)."""
+
+    def __init__(self, markdown: str, plain: str | None = None) -> None:
+        self.markdown = markdown
+        self.plain = plain if plain is not None else markdown.replace("**", "")
+
+    def __repr__(self) -> str:
+        return self.plain
+
+    def _repr_markdown_(self) -> str:
+        return self.markdown

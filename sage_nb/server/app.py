@@ -43,7 +43,7 @@ class SageNBApp(ExtensionApp):
         return str(default_state_dir())
 
     def control_plane_settings(self) -> Settings:
-        kwargs = {"state_dir": self.state_dir, "engine_env": dict(self.engine_env),
+        kwargs = {"state_dir": self.state_dir or str(default_state_dir()), "engine_env": dict(self.engine_env),
                   "port_range": tuple(self.port_range), "health_interval": self.health_interval,
                   "health_failures": self.health_failures, "startup_timeout": self.startup_timeout}
         if self.engine_python:
