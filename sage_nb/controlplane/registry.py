@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import fcntl
 import json
+import logging
 import os
 import sqlite3
 import threading
@@ -18,7 +19,7 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
-from .errors import NotFound
+from .errors import ControlPlaneError, NotFound
 from .state import EngineState, check_transition
 
 SCHEMA = """
@@ -40,6 +41,20 @@ CREATE TABLE IF NOT EXISTS gpu_bookings (
     PRIMARY KEY (engine_id, gpu_uuid)
 );
 """
+
+log = logging.getLogger(__name__)
+
+
+class StateError(ControlPlaneError):
+    """The state dir or registry cannot be used (unwritable, full, unreadable)."""
+
+    status = 503
+
+
+def _corrupt(error: sqlite3.DatabaseError) -> bool:
+    text = str(error).lower()
+    return "not a database" in text or "malformed" in text or "corrupt" in text
+
 
 # Fields of the engine record that are never shown outside the control plane.
 PRIVATE_FIELDS = frozenset({"api_key", "create_time", "health_failures", "launch_env"})
@@ -69,6 +84,8 @@ class Engine:
     dtype: str | None = None
     extra_args: list[str] = field(default_factory=list)
     adopted: bool = False
+    port_requested: bool = False
+    launch_attempts: int = 0
     note: str | None = None
     created_at: float = field(default_factory=time.time)
     ready_at: float | None = None
@@ -183,19 +200,45 @@ class Registry:
         self.path = Path(path)
         self._local = threading.local()
         self._commits = 0
-        self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        # Switching to WAL takes an exclusive lock that does not wait on busy peers, so the
-        # processes that open the registry for the first time do it one after another.
-        fd = os.open(self.path.with_name(self.path.name + ".lock"), os.O_RDWR | os.O_CREAT, 0o600)
+        self.recovered_from: Path | None = None  # where a corrupt registry was moved aside
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            # Switching to WAL takes an exclusive lock that does not wait on busy peers, so the
+            # processes that open the registry for the first time do it one after another.
+            fd = os.open(self.path.with_name(self.path.name + ".lock"), os.O_RDWR | os.O_CREAT, 0o600)
+        except OSError as e:
+            raise StateError(f"sage_nb cannot use its state dir {self.path.parent}: {e.strerror}. Make it "
+                             "writable or set SAGE_NB_STATE_DIR (c.SageNBApp.state_dir)") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
-            conn = self._conn()
-            if conn.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
-                conn.execute("PRAGMA journal_mode=WAL")
-            conn.executescript(SCHEMA)
-            os.chmod(self.path, 0o600)
+            try:
+                self._open_schema()
+            except sqlite3.DatabaseError as e:
+                if isinstance(e, sqlite3.OperationalError) and not _corrupt(e):
+                    raise StateError(f"sage_nb cannot open its registry {self.path}: {e}") from None
+                self._move_aside(e)
+                self._open_schema()
         finally:
             os.close(fd)
+
+    def _open_schema(self) -> None:
+        conn = self._conn()
+        if conn.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
+            conn.execute("PRAGMA journal_mode=WAL")
+        conn.executescript(SCHEMA)
+        os.chmod(self.path, 0o600)
+
+    def _move_aside(self, error: Exception) -> None:
+        """A corrupt registry is kept for inspection and replaced by an empty one; discovery then
+        re-adopts the running engines (they carry their registry path and id)."""
+        self.close()
+        self.recovered_from = self.path.with_name(f"{self.path.name}.corrupt-{int(time.time())}")
+        for suffix in ("", "-wal", "-shm"):
+            old = Path(str(self.path) + suffix)
+            if old.exists():
+                old.rename(str(self.recovered_from) + suffix)
+        log.warning("sage_nb: registry %s was unreadable (%s); moved to %s and started afresh",
+                    self.path, error, self.recovered_from)
 
     def _conn(self) -> sqlite3.Connection:
         conn = getattr(self._local, "conn", None)
@@ -214,13 +257,20 @@ class Registry:
     def transaction(self) -> Iterator[Txn]:
         """One write transaction: all or nothing, exclusive against other writers."""
         conn = self._conn()
-        conn.execute("BEGIN IMMEDIATE")
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+        except sqlite3.OperationalError as e:
+            raise StateError(f"sage_nb registry {self.path} is not writable: {e}") from None
         try:
             yield Txn(conn)
-        except BaseException:
+            conn.execute("COMMIT")
+        except sqlite3.OperationalError as e:  # disk full, read-only file system, I/O error
             conn.execute("ROLLBACK")
+            raise StateError(f"sage_nb could not write its registry {self.path}: {e}") from None
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
             raise
-        conn.execute("COMMIT")
         self._commits += 1
 
     def version(self) -> tuple[int, int]:

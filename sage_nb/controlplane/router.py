@@ -51,6 +51,10 @@ class Router:
                 self._version = version
         return self._ready
 
+    def is_ready(self, engine_id: str) -> bool:
+        """Whether the engine is still ready and healthy."""
+        return any(e.id == engine_id for e in self.ready_engines())
+
     def models(self) -> list[dict]:
         """One entry per served name of a ready engine, with its kind and replicas."""
         out: dict[str, dict] = {}

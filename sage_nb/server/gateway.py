@@ -8,6 +8,7 @@ by chunk, and a client that goes away cancels the upstream request.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
@@ -23,6 +24,7 @@ from .handlers import ApiError, SageHandler
 
 log = logging.getLogger("sage_nb.gateway")
 ROUTE_KIND = {"chat/completions": "llm", "completions": "llm", "embeddings": "embedding"}
+WATCH_INTERVAL = 1.0  # seconds between checks that the engine of an in-flight request is still ready
 PASS_HEADERS = ("Content-Type", "Cache-Control", "X-Request-Id")
 
 
@@ -132,7 +134,7 @@ class ProxyHandler(SageHandler):
             request_timeout=self.settings["sage_nb_request_timeout"])
         try:
             client = self.settings["sage_nb_stream_client" if stream else "sage_nb_http_client"]
-            response = await client.fetch(request, raise_error=False)
+            response = await self._watch(engine, client.fetch(request, raise_error=False))
         except ClientGone:
             return True
         except httpclient.HTTPClientError as e:  # 599: could not connect, timed out, broke off
@@ -151,7 +153,9 @@ class ProxyHandler(SageHandler):
             if timed_out and "onnect" not in str(err):
                 raise ApiError(504, f"engine {engine.name!r} did not answer within "
                                          f"{request.request_timeout:.0f} s")
-            log.info("sage_nb gateway: engine %s unreachable: %s", engine.name, response.error)
+            if not _never_connected(err):  # the request reached the engine: not safe to resend
+                raise ApiError(502, f"engine {engine.name!r} broke off the request: {err}")
+            log.info("sage_nb gateway: engine %s unreachable: %s", engine.name, err)
             return False
         if stream:
             self._start_reply(head["code"] or response.code, head["headers"])
@@ -163,6 +167,24 @@ class ProxyHandler(SageHandler):
         self.finish()
         return True
 
+    async def _watch(self, engine, fetch):
+        """Await the upstream answer, giving up with a 504 if the engine stops being ready
+        (failed, stopped, unhealthy) meanwhile — a request to a dead engine never hangs."""
+        future = asyncio.ensure_future(fetch)
+        router: Router = self.settings["sage_nb_router"]
+        while True:
+            done, _ = await asyncio.wait({future}, timeout=WATCH_INTERVAL)
+            if done:
+                return future.result()
+            if not router.is_ready(engine.id):
+                self.client_gone = True  # a streaming upstream is aborted at its next chunk
+                future.add_done_callback(lambda f: f.cancelled() or f.exception())
+                if self.upstream_started:
+                    self.finish()
+                    raise ClientGone()
+                raise ApiError(504, f"engine {engine.name!r} stopped being ready while answering; "
+                                    "see %llm engines / its logs")
+
     def _start_reply(self, code: int, headers) -> None:
         if self.upstream_started:
             return
@@ -171,6 +193,16 @@ class ProxyHandler(SageHandler):
         for name in PASS_HEADERS:
             if name in headers:
                 self.set_header(name, headers[name])
+
+
+def _never_connected(error) -> bool:
+    """True when the engine refused or never took the connection (safe to try another replica)."""
+    if isinstance(error, ConnectionRefusedError):
+        return True
+    if getattr(error, "errno", None) in (7,):  # curl: CURLE_COULDNT_CONNECT
+        return True
+    text = str(error)
+    return "onnection refused" in text or "Could not connect" in text or "Failed to connect" in text
 
 
 GATEWAY_HANDLERS = [

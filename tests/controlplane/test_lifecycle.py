@@ -253,3 +253,53 @@ def test_engines_of_another_registry_are_not_adopted(stub_cp, model_dir, tmp_pat
         assert mine["id"] not in report["adopted"] and other.engines() == []
     finally:
         other.close()
+
+
+def test_corrupt_registry_is_moved_aside_and_engines_are_readopted(stub_cp, model_dir, state_dir):
+    cp = stub_cp()
+    e = cp.start_engine(str(model_dir(1)), kind="embedding", name="survivor")
+    cp.close()
+    db = state_dir / "registry.sqlite3"
+    for suffix in ("-wal", "-shm"):
+        if (state_dir / f"registry.sqlite3{suffix}").exists():
+            (state_dir / f"registry.sqlite3{suffix}").unlink()
+    db.write_bytes(b"this is not a database" * 100)
+    again = stub_cp()
+    assert again.registry.recovered_from is not None and again.registry.recovered_from.exists()
+    report = again.discover()
+    assert report["adopted"] == [e["id"]]  # same id, recovered from the engine's own environment
+    engine = again.engine(e["id"])
+    assert engine["kind"] == "embedding" and engine["state"] == "ready" and "lost" in engine["note"]
+    assert again.stop_engine(e["id"])["state"] == "stopped"
+
+
+def test_unwritable_state_dir_is_a_clear_error(tmp_path):
+    from sage_nb.controlplane.registry import StateError
+
+    blocked = tmp_path / "blocked"
+    blocked.write_text("a file where the state dir should be")
+    with pytest.raises(StateError, match="cannot use its state dir"):
+        ControlPlane(state_dir=blocked / "state")
+
+
+def test_port_taken_between_lease_and_bind_moves_to_a_fresh_port(stub_cp, model_dir):
+    cp = stub_cp(engine_env={"PYTHONPATH": STUB_PATH, "STUB_STARTUP_DELAY": "1.5"})
+    e = cp.start_engine(str(model_dir(1)), name="raced", wait=False)
+    with socket.socket() as thief:  # someone else binds the leased port before vLLM does
+        thief.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        thief.bind(("127.0.0.1", e["port"]))
+        thief.listen()
+        ready = cp.wait_ready("raced", timeout=30)
+    assert ready["state"] == "ready" and ready["port"] != e["port"]
+    assert f"port {e['port']} was taken" in ready["note"]
+    assert list(leases(cp)[0]) == [ready["port"]]  # the first lease was released
+    # an explicitly requested port is not moved: the engine fails with the reason
+    cp.stop_engine("raced")
+    with socket.socket() as thief:
+        f = cp.start_engine(str(model_dir(1)), name="pinned", port=ready["port"], wait=False)
+        thief.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        thief.bind(("127.0.0.1", f["port"]))
+        thief.listen()
+        with pytest.raises(EngineFailed, match="Address already in use"):
+            cp.wait_ready("pinned", timeout=30)
+    assert leases(cp) == ({}, [])
