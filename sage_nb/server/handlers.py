@@ -123,7 +123,11 @@ class BackendsHandler(SageHandler):
     @web.authenticated
     @authorized
     async def get(self) -> None:
-        self.reply(await self.call(self.cp.backends))
+        backends = await self.call(self.cp.backends)
+        inflight = self.settings["sage_nb_router"].inflight
+        for backend in backends["llm_backends"] + backends["embedding_backends"]:
+            backend["inflight"] = inflight.get(backend["id"], 0)  # requests the gateway has open now
+        self.reply(backends)
 
 
 class GpusHandler(SageHandler):

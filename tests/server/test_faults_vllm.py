@@ -1,0 +1,117 @@
+"""Faults with real processes: the Jupyter server SIGKILLed while an engine starts, while one stops
+and while a request streams; an engine's EngineCore killed; an engine that cannot start."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+
+import openai
+import psutil
+import pytest
+
+from sage_nb.controlplane import ControlPlane
+from sage_nb.controlplane.process import group_members
+
+from ..serverproc import TOKEN, Server, free_port, wait_ready
+
+pytestmark = pytest.mark.vllm
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    root = tmp_path_factory.mktemp("faults")
+    srv = Server(root, root / "state", free_port(), port_range=(18650, 18699))
+    srv.start()
+    yield srv
+    if srv.proc.poll() is None:
+        srv.kill()
+    for e in ControlPlane(state_dir=root / "state", monitor=False).engines():
+        for proc in group_members(e["pid"]) if e["pid"] else []:
+            proc.kill()
+
+
+def registry_view(server: Server) -> tuple[dict, list]:
+    cp = ControlPlane(state_dir=server.state_dir, monitor=False)
+    try:
+        with cp.registry.snapshot() as txn:
+            return txn.leases(), txn.bookings()
+    finally:
+        cp.close()
+
+
+def restart(server: Server) -> None:
+    server.kill()
+    server.start()
+
+
+def test_server_killed_while_an_engine_starts_then_while_it_streams_then_while_it_stops(server, tiny_llama):
+    code, engine = server.request("POST", "sage_nb/api/engines", {"model": str(tiny_llama), "name": "tiny"})
+    assert code == 202
+    time.sleep(3)  # vLLM is loading
+    restart(server)  # SIGKILL while starting
+    listed = server.get("sage_nb/api/engines")[1]
+    assert [(e["id"], e["state"]) for e in listed] == [(engine["id"], "starting")]  # re-attached, once
+    engine = wait_ready(server, engine["id"])  # the restarted server's monitor finishes the start
+
+    oa = openai.OpenAI(base_url=server.url + "sage_nb/v1", api_key=TOKEN, max_retries=0)
+    stream = oa.chat.completions.create(model="tiny", max_tokens=64, stream=True,
+                                        messages=[{"role": "user", "content": "go on"}])
+    next(iter(stream))
+    restart(server)  # SIGKILL while a request streams
+    with pytest.raises(openai.APIConnectionError):
+        list(stream)
+    listed = server.get("sage_nb/api/engines")[1]
+    assert [(e["id"], e["state"]) for e in listed] == [(engine["id"], "ready")]
+    assert oa.chat.completions.create(model="tiny", max_tokens=2, messages=[{"role": "user", "content": "x"}])
+
+    tree = [psutil.Process(engine["pid"]), *psutil.Process(engine["pid"]).children(recursive=True)]
+    stopper = threading.Thread(target=server.request, args=("DELETE", f"sage_nb/api/engines/{engine['id']}"))
+    stopper.start()
+    deadline = time.monotonic() + 10
+    while ControlPlane(state_dir=server.state_dir, monitor=False).engine(engine["id"])["state"] != "stopping":
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    restart(server)  # SIGKILL while stopping
+    stopper.join()
+    deadline = time.monotonic() + 30
+    while server.get(f"sage_nb/api/engines/{engine['id']}")[1]["state"] != "stopped":
+        assert time.monotonic() < deadline, server.get(f"sage_nb/api/engines/{engine['id']}")[1]
+        time.sleep(0.2)
+    assert not [p for p in tree if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]  # no orphan
+    assert registry_view(server) == ({}, [])  # no lease, no booking left
+    assert server.request("POST", "sage_nb/api/engines/prune")[1]["removed"] == [engine["id"]]
+
+
+def test_enginecore_killed_fails_within_seconds(server, tiny_llama):
+    code, engine = server.request("POST", "sage_nb/api/engines", {"model": str(tiny_llama), "name": "core"})
+    engine = wait_ready(server, engine["id"])
+    core = [c for c in psutil.Process(engine["pid"]).children(recursive=True) if c.name() == "VLLM::EngineCore"]
+    assert len(core) == 1
+    t0 = time.monotonic()
+    os.kill(core[0].pid, signal.SIGKILL)
+    while server.get(f"sage_nb/api/engines/{engine['id']}")[1]["state"] != "failed":
+        assert time.monotonic() - t0 < 15
+        time.sleep(0.1)
+    assert time.monotonic() - t0 < 8
+    backends = server.get("sage_nb/api/backends")[1]
+    assert backends["llm_backends"] == []
+    assert server.request("POST", "sage_nb/api/engines/prune")[1]["removed"] == [engine["id"]]
+    assert not group_members(engine["pid"]) and registry_view(server) == ({}, [])
+
+
+def test_engine_that_cannot_start_fails_with_its_log_tail(server, tiny_llama):
+    code, engine = server.request("POST", "sage_nb/api/engines",
+                                  {"model": str(tiny_llama), "name": "badflag", "extra_args": ["--no-such-flag"]})
+    assert code == 202
+    deadline = time.monotonic() + 120
+    while (e := server.get(f"sage_nb/api/engines/{engine['id']}")[1])["state"] == "starting":
+        assert time.monotonic() < deadline
+        time.sleep(0.3)
+    assert e["state"] == "failed" and "--no-such-flag" in e["error"] and "last lines of" in e["error"]
+    assert registry_view(server) == ({}, [])
+    logs = server.get(f"sage_nb/api/engines/{engine['id']}/logs?lines=5")[1]["log"]
+    assert "no-such-flag" in logs
+    server.request("POST", "sage_nb/api/engines/prune")
