@@ -13,7 +13,7 @@ from sage_nb.controlplane.router import Router
 from sage_nb.controlplane.settings import default_state_dir
 
 from .gateway import GATEWAY_HANDLERS, make_http_clients
-from .handlers import REST_HANDLERS
+from .handlers import REST_HANDLERS, NoRouteHandler
 
 
 class SageNBApp(ExtensionApp):
@@ -83,7 +83,7 @@ class SageNBApp(ExtensionApp):
             self.log.warning("sage_nb: orphaned vLLM processes hold resources: %s", report["orphans"])
 
     def initialize_handlers(self) -> None:
-        self.handlers.extend(REST_HANDLERS + GATEWAY_HANDLERS)
+        self.handlers.extend(REST_HANDLERS + GATEWAY_HANDLERS + [(r"/sage_nb/.*", NoRouteHandler)])
 
     async def stop_extension(self) -> None:
         cp = getattr(self, "control_plane", None)

@@ -139,6 +139,17 @@ class GpusHandler(SageHandler):
         self.reply(await self.call(self.cp.gpu_report))
 
 
+class NoRouteHandler(SageHandler):
+    """Any other path under ``sage_nb/``: a JSON 404, like every other sage_nb error."""
+
+    @web.authenticated
+    @authorized
+    def get(self) -> None:
+        raise ApiError(404, f"no sage_nb route {self.request.path!r}; see the README for the REST API")
+
+    post = put = patch = delete = get
+
+
 ENGINE_ID = r"(?P<engine_id>[A-Za-z0-9][A-Za-z0-9_.\-]{0,63})"
 REST_HANDLERS = [
     (r"/sage_nb/api/engines/?", EnginesHandler),

@@ -134,3 +134,12 @@ async def test_every_route_needs_jupyter_auth(jp_fetch, path, method):
 def test_extension_is_found_and_enabled(jp_serverapp):
     assert "sage_nb" in jp_serverapp.extension_manager.extensions
     assert jp_serverapp.extension_manager.extensions["sage_nb"].enabled
+
+
+async def test_unknown_sage_nb_paths_are_json_404(jp_fetch):
+    for path in (("api", "nothing"), ("api", "engines", "a", "b", "c"), ("v2", "chat")):
+        code, message = await error(jp_fetch, *path)
+        assert code == 404 and "no sage_nb route" in message
+    with pytest.raises(HTTPClientError) as exc:
+        await call(jp_fetch, "api", "nothing", headers={"Authorization": "token wrong"})
+    assert exc.value.code == 403
