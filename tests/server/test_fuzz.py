@@ -65,8 +65,9 @@ def send(server: Server, method: str, path: str, data: bytes | None):
 
 def check_reply(status: int, body: bytes) -> None:
     assert status < 500, (status, body[:300])
-    if status >= 400:
-        message = json.loads(body).get("message")
+    if status >= 400:  # sage_nb's {"message"}, or an engine's OpenAI-style {"error": {"message"}} passed on
+        reply = json.loads(body)
+        message = reply.get("message") or (reply.get("error") or {}).get("message")
         assert isinstance(message, str) and message, body
 
 

@@ -50,8 +50,16 @@ class Handler(BaseHTTPRequestHandler):
 
 
     def do_POST(self):
+        try:
+            self._post()
+        except Exception as e:  # like vLLM: a bad body is a 400, never a dropped connection
+            self._send(400, {"error": {"message": f"bad request: {e!r}"}})
+
+    def _post(self):
         length = int(self.headers.get("Content-Length") or 0)
         body = json.loads(self.rfile.read(length) or b"{}")
+        if not isinstance(body, dict):
+            raise ValueError("body must be an object")
         if KEY and self.headers.get("Authorization") != f"Bearer {KEY}":
             return self._send(401, {"error": "Unauthorized"})
         if os.environ.get("STUB_HANG"):
@@ -66,7 +74,7 @@ class Handler(BaseHTTPRequestHandler):
                                                                          "content": "stub"}}]})
         if route == "embeddings" and POOLING:
             inputs = body.get("input")
-            inputs = [inputs] if isinstance(inputs, str) else inputs
+            inputs = [inputs] if isinstance(inputs, str) else list(inputs)
             return self._send(200, {"object": "list", "model": body.get("model"), "served_by": args.port,
                                     "data": [{"index": i, "embedding": [0.5, 0.5]} for i in range(len(inputs))]})
         return self._send(404, {"detail": "Not Found"})
