@@ -62,6 +62,7 @@ def stub_cp(state_dir):
         kw.setdefault("health_interval", 0.2)
         kw.setdefault("stop_grace", 3.0)
         kw.setdefault("port_range", (18400, 18499))
+        kw.setdefault("adopt_unrecorded", False)  # other vLLM servers of this user are not ours to test
         cp = ControlPlane(state_dir=state_dir, **kw)
         cps.append(cp)
         return cp

@@ -25,9 +25,10 @@ def free_port() -> int:
 class Server:
     """A jupyter server subprocess with the sage_nb extension enabled."""
 
-    def __init__(self, root, state_dir, port, port_range=(18900, 18949), extra_args=()):
+    def __init__(self, root, state_dir, port, port_range=(18900, 18949), extra_args=(), adopt=False):
         self.root, self.state_dir, self.port, self.proc = root, state_dir, port, None
         self.port_range, self.extra_args = port_range, list(extra_args)
+        self.adopt = adopt  # tests see only their own engines, not other vLLM servers of this user
         self.url = f"http://127.0.0.1:{port}{BASE}"
 
     def start(self) -> None:
@@ -35,7 +36,7 @@ class Server:
                "JUPYTER_RUNTIME_DIR": str(self.root / "runtime"), "JUPYTER_DATA_DIR": str(self.root / "data")}
         (self.root / "cfg").mkdir(exist_ok=True)  # the config-file route: c.SageNBApp.port_range
         (self.root / "cfg" / "jupyter_server_config.json").write_text(
-            json.dumps({"SageNBApp": {"port_range": list(self.port_range)}}))
+            json.dumps({"SageNBApp": {"port_range": list(self.port_range), "adopt_unrecorded": self.adopt}}))
         self.log = open(self.root / f"server-{time.time():.0f}.log", "wb")  # noqa: SIM115
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "jupyter_server", "--no-browser", "--allow-root", f"--port={self.port}",

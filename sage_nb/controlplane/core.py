@@ -25,6 +25,7 @@ from .sizing import CUDA_CONTEXT_MIB, MIN_MODEL_LEN, ModelSpec, inspect_hub_mode
 from .state import ENDED, EngineState
 
 S = EngineState
+FAIL_GRACE = 2.0  # seconds between TERM and KILL for what is left of a failed engine
 
 
 class ControlPlane:
@@ -314,7 +315,9 @@ class ControlPlane:
         engine = self.registry.find(engine_id)
         if engine.state not in expect:
             return False
-        left = process.kill_tree(engine.pid, engine.create_time, self.settings.stop_grace,
+        # a failed engine needs no graceful shutdown: what is left (orphaned EngineCore and
+        # workers, a hung server) gets a short TERM, then KILL
+        left = process.kill_tree(engine.pid, engine.create_time, min(self.settings.stop_grace, FAIL_GRACE),
                                  self._popens.pop(engine_id, None))
         with self.registry.transaction() as txn:
             if txn.get(engine_id).state not in expect:

@@ -55,6 +55,8 @@ def rediscover(cp: ControlPlane) -> dict:
     for server in servers:
         if server.pid in claimed or (server.registry and server.registry != mine):
             continue  # ours already, or launched by a sage_nb with another registry
+        if not server.registry and not cp.settings.adopt_unrecorded:
+            continue  # started by hand, and this control plane leaves those alone
         engine_id = adopt(cp, server)
         if engine_id:
             report["adopted"].append(engine_id)

@@ -87,6 +87,7 @@ class Settings:
     cpu_kvcache_gib: int = 1
     engine_env: dict[str, str] = field(default_factory=dict)
     use_nvml: bool = True
+    adopt_unrecorded: bool = True  # adopt vLLM servers of this user that sage_nb did not start
 
     def __post_init__(self) -> None:
         self.state_dir = Path(self.state_dir).expanduser()

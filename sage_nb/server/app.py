@@ -34,6 +34,8 @@ class SageNBApp(ExtensionApp):
     health_failures = Int(3, help="Failed probes in a row after which an engine is failed.").tag(config=True)
     startup_timeout = Float(600.0, help="Seconds an engine may take to become ready.").tag(config=True)
     request_timeout = Float(600.0, help="Seconds the gateway waits for an engine's answer.").tag(config=True)
+    adopt_unrecorded = Bool(True, help="Adopt vLLM servers of this user that sage_nb did not start "
+                                       "(found by their command line at discovery).").tag(config=True)
     stop_engines_on_shutdown = Bool(
         False, help="Stop every engine when the server stops (default: they keep running and "
                     "are re-attached at the next start).").tag(config=True)
@@ -45,7 +47,8 @@ class SageNBApp(ExtensionApp):
     def control_plane_settings(self) -> Settings:
         kwargs = {"state_dir": self.state_dir or str(default_state_dir()), "engine_env": dict(self.engine_env),
                   "port_range": tuple(self.port_range), "health_interval": self.health_interval,
-                  "health_failures": self.health_failures, "startup_timeout": self.startup_timeout}
+                  "health_failures": self.health_failures, "startup_timeout": self.startup_timeout,
+                  "adopt_unrecorded": self.adopt_unrecorded}
         if self.engine_python:
             kwargs["engine_python"] = self.engine_python
         if self.fake_gpus:

@@ -315,3 +315,29 @@ def test_port_taken_between_lease_and_bind_moves_to_a_fresh_port(stub_cp, model_
         with pytest.raises(EngineFailed, match="Address already in use"):
             cp.wait_ready("pinned", timeout=30)
     assert leases(cp) == ({}, [])
+
+
+def test_hand_started_servers_are_adopted_only_when_allowed(stub_cp, tmp_path):
+    import subprocess
+    import sys
+
+    port = 18490
+    hand = subprocess.Popen([sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", "hand",
+                             "--host", "127.0.0.1", "--port", str(port), "--runner", "pooling"],
+                            env={**os.environ, "PYTHONPATH": STUB_PATH}, stdout=subprocess.DEVNULL,
+                            start_new_session=True)
+    try:
+        from sage_nb.controlplane.probe import healthy
+
+        deadline = time.monotonic() + 10
+        while not healthy("127.0.0.1", port):
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        assert stub_cp(adopt_unrecorded=False).discover()["adopted"] == []
+        report = stub_cp(adopt_unrecorded=True).discover()
+        hand_engines = [e for e in stub_cp().engines() if e["pid"] == hand.pid]
+        assert len(hand_engines) == 1 and hand_engines[0]["id"] in report["adopted"]
+        assert hand_engines[0]["kind"] == "embedding" and hand_engines[0]["adopted"]
+    finally:
+        hand.kill()
+        hand.wait()

@@ -14,7 +14,7 @@ from ..conftest import BUSY_BOX, STUB_PATH
 def client(state_dir, monkeypatch):
     monkeypatch.delenv("JPY_PARENT_PID", raising=False)
     monkeypatch.delenv("SAGE_NB_SERVER_URL", raising=False)
-    cl = Client(embedded=True, state_dir=state_dir, engine_env={"PYTHONPATH": STUB_PATH},
+    cl = Client(embedded=True, state_dir=state_dir, engine_env={"PYTHONPATH": STUB_PATH}, adopt_unrecorded=False,
                 port_range=(18600, 18649), fake_gpus=BUSY_BOX, health_interval=0.2)
     yield cl
     for e in cl.engines():
@@ -72,7 +72,7 @@ def test_actions_stop_logs_prune_and_start_form(client, model_dir):
 
 def test_no_gpu_shows_cpu_and_ram(state_dir, monkeypatch):
     monkeypatch.delenv("JPY_PARENT_PID", raising=False)
-    cl = Client(embedded=True, state_dir=state_dir, use_nvml=False)
+    cl = Client(embedded=True, state_dir=state_dir, use_nvml=False, adopt_unrecorded=False)
     try:
         board = Dashboard(client=cl, autostart=False)
         text = html_of(board.gpu_box)

@@ -67,7 +67,7 @@ def test_embedded_mode_then_a_server_finds_the_engine(world, monkeypatch, capsys
     monkeypatch.delenv("SAGE_NB_SERVER_URL", raising=False)
     shell = InteractiveShell.instance()
     shell.run_line_magic("load_ext", "sage_nb")
-    embedded = Client(state_dir=world["state"], port_range=(18950, 18999))
+    embedded = Client(state_dir=world["state"], port_range=(18950, 18999), adopt_unrecorded=False)
     assert embedded.mode == "embedded"
     default_client.set_client(embedded)
     shell.magics_manager.registry["LLMMagics"]._client = None

@@ -22,6 +22,7 @@ def shell(state_dir, monkeypatch):
     sh = InteractiveShell.instance()
     sh.run_line_magic("load_ext", "sage_nb")
     cl = Client(state_dir=state_dir, engine_env={"PYTHONPATH": STUB_PATH}, port_range=(18300, 18399),
+                adopt_unrecorded=False,
                 health_interval=0.2)
     assert cl.mode == "embedded" and "no Jupyter server" in cl.why_embedded
     default_client.set_client(cl)

@@ -15,7 +15,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import sage_nb.client as default_client
-from sage_nb.controlplane import rediscover
 from sage_nb.controlplane.process import kill_tree
 from sage_nb.controlplane.router import NoBackend
 from sage_nb.kernel.client import Client
@@ -277,8 +276,8 @@ def test_loaded_index_searches_like_the_original(tmp_path):
 @pytest.fixture
 def bare_client(tmp_path, monkeypatch):
     """An embedded client with no engines (vLLM servers of other test runs are not adopted)."""
-    monkeypatch.setattr(rediscover, "find_servers", lambda: [])
-    client = Client(embedded=True, state_dir=tmp_path / "state", use_nvml=False, fake_gpus=None)
+    client = Client(embedded=True, state_dir=tmp_path / "state", use_nvml=False, fake_gpus=None,
+                    adopt_unrecorded=False)
     yield client
     client.control_plane.close()
 
@@ -355,10 +354,8 @@ QUESTIONS = [  # paraphrases -> the index of the document that must rank first
 @pytest.fixture(scope="module")
 def engines(tmp_path_factory, tiny_llama, minilm):
     """An embedded client with MiniLM (embedding) and the tiny Llama (llm), loaded in parallel."""
-    with pytest.MonkeyPatch.context() as mp:  # isolate from vLLM servers of other test runs
-        mp.setattr(rediscover, "find_servers", lambda: [])
-        client = Client(embedded=True, state_dir=tmp_path_factory.mktemp("rag-state"), port_range=(18200, 18299),
-                        use_nvml=False, fake_gpus=None)
+    client = Client(embedded=True, state_dir=tmp_path_factory.mktemp("rag-state"), port_range=(18200, 18299),
+                    use_nvml=False, fake_gpus=None, adopt_unrecorded=False)  # only its own engines
     started, pids = [], []
     t0 = time.monotonic()
     try:

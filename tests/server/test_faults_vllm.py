@@ -57,8 +57,8 @@ def test_server_killed_while_an_engine_starts_then_while_it_streams_then_while_i
     engine = wait_ready(server, engine["id"])  # the restarted server's monitor finishes the start
 
     oa = openai.OpenAI(base_url=server.url + "sage_nb/v1", api_key=TOKEN, max_retries=0)
-    stream = oa.chat.completions.create(model="tiny", max_tokens=64, stream=True,
-                                        messages=[{"role": "user", "content": "go on"}])
+    stream = oa.chat.completions.create(model="tiny", max_tokens=1500, stream=True, extra_body={"ignore_eos": True},
+                                        messages=[{"role": "user", "content": "go on"}])  # several seconds
     next(iter(stream))
     restart(server)  # SIGKILL while a request streams
     with pytest.raises(openai.APIConnectionError):
