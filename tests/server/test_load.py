@@ -93,6 +93,8 @@ def test_50_concurrent_starts_from_three_processes(server, model_dir):
         assert booked <= gpu["total_mib"] - gpu["used_mib"]  # no GPU over-booked
     listed = server.get("sage_nb/api/engines")[1]
     assert sorted(e["id"] for e in listed) == sorted(r["id"] for r in started)
+    print(f"50 concurrent starts from 3 processes: {len(started)} started on {len(set(ports))} distinct "
+          f"ports, {len(refused)} refused with 409")
 
 
 async def _hammer(url: str, model: str, total: int, concurrency: int, on_half) -> Counter:
