@@ -44,7 +44,7 @@ class ControlPlane:
     # ------------------------------------------------------------------ queries
     def engines(self) -> list[dict]:
         """All engine records, as JSON models."""
-        return [e.to_model() for e in self.registry.engines()]
+        return self.registry.models()
 
     def engine(self, id_or_name: str) -> dict:
         """One engine by id or name (:class:`NotFound` otherwise)."""
@@ -53,9 +53,13 @@ class ControlPlane:
     def backends(self) -> dict:
         """Ready, healthy engines by kind: ``{"llm_backends": [...], "embedding_backends": [...]}``."""
         out: dict[str, list[dict]] = {"llm_backends": [], "embedding_backends": []}
-        for e in self.registry.engines():
-            if e.state == S.READY and e.health_failures == 0:
-                out[f"{e.kind}_backends"].append(e.to_model())
+        with self.registry.snapshot() as txn:
+            rows = txn.conn.execute(
+                "SELECT data FROM engines WHERE json_extract(data, '$.state') = 'ready' "
+                "AND json_extract(data, '$.health_failures') = 0 ORDER BY rowid").fetchall()
+        for (text,) in rows:
+            e = Engine.from_json(text)
+            out[f"{e.kind}_backends"].append(e.to_model())
         return out
 
     def api_key(self, id_or_name: str) -> str:

@@ -16,7 +16,7 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from .errors import ControlPlaneError, NotFound
@@ -100,18 +100,23 @@ class Engine:
         return f"http://{self.host}:{self.port}/v1"
 
     def to_model(self) -> dict:
-        model = {k: v for k, v in asdict(self).items() if k not in PRIVATE_FIELDS}
+        model = {name: getattr(self, name) for name in PUBLIC_FIELDS}  # shallow: cheaper than asdict
         model["base_url"] = self.base_url if self.port else None
         return model
 
     @classmethod
     def from_json(cls, text: str) -> Engine:
         data = json.loads(text)
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in known})
+        if data.keys() <= ALL_FIELDS:
+            return cls(**data)
+        return cls(**{k: v for k, v in data.items() if k in ALL_FIELDS})
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self))
+        return json.dumps({name: getattr(self, name) for name in ALL_FIELDS})
+
+
+ALL_FIELDS = frozenset(f.name for f in fields(Engine))
+PUBLIC_FIELDS = tuple(f.name for f in fields(Engine) if f.name not in PRIVATE_FIELDS)
 
 
 class Txn:
@@ -124,6 +129,17 @@ class Txn:
     def engines(self) -> list[Engine]:
         rows = self.conn.execute("SELECT data FROM engines ORDER BY rowid").fetchall()
         return [Engine.from_json(r[0]) for r in rows]
+
+    def models(self) -> list[dict]:
+        """Every engine's public JSON model, straight from the stored JSON (the fast listing path)."""
+        out = []
+        for (text,) in self.conn.execute("SELECT data FROM engines ORDER BY rowid"):
+            model = json.loads(text)
+            for name in PRIVATE_FIELDS:
+                model.pop(name, None)
+            model["base_url"] = f"http://{model['host']}:{model['port']}/v1" if model.get("port") else None
+            out.append(model)
+        return out
 
     def get(self, engine_id: str) -> Engine:
         row = self.conn.execute("SELECT data FROM engines WHERE id = ?", (engine_id,)).fetchone()
@@ -291,6 +307,10 @@ class Registry:
     def engines(self) -> list[Engine]:
         with self.snapshot() as txn:
             return txn.engines()
+
+    def models(self) -> list[dict]:
+        with self.snapshot() as txn:
+            return txn.models()
 
     def find(self, id_or_name: str) -> Engine:
         with self.snapshot() as txn:

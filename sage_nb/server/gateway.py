@@ -29,6 +29,13 @@ PASS_HEADERS = ("Content-Type", "Cache-Control", "X-Request-Id")
 
 
 def make_http_clients() -> dict[str, httpclient.AsyncHTTPClient]:
+    # Jupyter's loggers pass DEBUG records to their handlers (which filter them); with DEBUG
+    # enabled tornado's curl client turns on curl's verbose trace for every request.
+    logging.getLogger("tornado.curl_httpclient").setLevel(logging.INFO)
+    return _clients()
+
+
+def _clients() -> dict[str, httpclient.AsyncHTTPClient]:
     """The gateway's own clients: curl (keep-alive to the engines) for plain requests when pycurl
     is there; tornado's simple client for streams, since raising in its streaming callback closes
     the upstream connection — that is how a client's disconnect cancels the engine's work."""
@@ -92,8 +99,9 @@ class ProxyHandler(SageHandler):
                 done = await self._forward(engine, payload, body.get("stream") is True)
             finally:
                 router.release(engine)
-            log.debug("sage_nb gateway: %s -> engine %s (%s) %.1f ms", self.route, engine.name,
-                      engine.base_url, (time.perf_counter() - t0) * 1000)
+            if log.isEnabledFor(logging.DEBUG):
+                log.debug("sage_nb gateway: %s -> engine %s (%s) %.1f ms", self.route, engine.name,
+                          engine.base_url, (time.perf_counter() - t0) * 1000)
             if done:
                 return
             tried.add(engine.id)  # connection failed before the first byte: try another replica
