@@ -37,6 +37,9 @@ class Router:
         self.inflight: dict[str, int] = defaultdict(int)
         self._version: tuple | None = None
         self._ready: list[Engine] = []
+        self._by_key: dict[str, list[Engine]] = {}
+        self._by_kind: dict[str, list[Engine]] = {}
+        self._ids: set[str] = set()
         self._lock = threading.Lock()
         self._tiebreak = itertools.count()
 
@@ -46,14 +49,22 @@ class Router:
         if version != self._version:
             with self._lock:
                 engines = self.registry.engines()
-                self._ready = [e for e in engines if e.state == EngineState.READY
-                               and e.health_failures == 0 and e.port]
+                ready = [e for e in engines if e.state == EngineState.READY and e.health_failures == 0 and e.port]
+                by_key: dict[str, list[Engine]] = defaultdict(list)
+                by_kind: dict[str, list[Engine]] = defaultdict(list)
+                for e in ready:
+                    by_kind[e.kind].append(e)
+                    for key in {e.served_model_name, e.model, e.name, e.id}:
+                        by_key[key].append(e)
+                self._ready, self._by_key, self._by_kind = ready, by_key, by_kind
+                self._ids = {e.id for e in ready}
                 self._version = version
         return self._ready
 
     def is_ready(self, engine_id: str) -> bool:
         """Whether the engine is still ready and healthy."""
-        return any(e.id == engine_id for e in self.ready_engines())
+        self.ready_engines()
+        return engine_id in self._ids
 
     def models(self) -> list[dict]:
         """One entry per served name of a ready engine, with its kind and replicas."""
@@ -70,7 +81,7 @@ class Router:
         engine name); any engine of ``kind`` when ``model`` is empty."""
         engines = self.ready_engines()
         if model:
-            named = [e for e in engines if model in (e.served_model_name, e.model, e.name, e.id)]
+            named = self._by_key.get(model, [])
             if not named:
                 raise NotFound(f"model {model!r} is not served by any ready engine; "
                                f"available: {sorted({e.served_model_name for e in engines}) or 'none'}")
@@ -80,8 +91,9 @@ class Router:
                 raise BadRequest(f"model {model!r} is an {KIND_LABEL[other]} model "
                                  f"(kind {other!r}); this route needs an {KIND_LABEL[kind]} model")
         else:
-            candidates = [e for e in engines if e.kind == kind]
-        candidates = [e for e in candidates if e.id not in exclude]
+            candidates = self._by_kind.get(kind, [])
+        if exclude:
+            candidates = [e for e in candidates if e.id not in exclude]
         if not candidates:
             raise NoBackend(no_backend_message(kind))
         if len(candidates) == 1:

@@ -51,7 +51,15 @@ class ClientGone(Exception):
     """Raised inside the streaming callback to abort the upstream request."""
 
 
-class ModelsHandler(SageHandler):
+class GatewayHandler(SageHandler):
+    """OpenAI clients send the token on every call and never return cookies: minting a signed
+    login cookie for each request (Jupyter's default after token auth) is pure cost here."""
+
+    def set_secure_cookie(self, *args, **kwargs) -> None:
+        return None
+
+
+class ModelsHandler(GatewayHandler):
     _track_activity = False
 
     @web.authenticated
@@ -60,7 +68,7 @@ class ModelsHandler(SageHandler):
         self.reply({"object": "list", "data": self.settings["sage_nb_router"].models()})
 
 
-class ProxyHandler(SageHandler):
+class ProxyHandler(GatewayHandler):
     """POST ``chat/completions``, ``completions`` and ``embeddings`` to an engine of the right kind."""
 
     def initialize(self, route: str, **kwargs) -> None:
@@ -108,6 +116,8 @@ class ProxyHandler(SageHandler):
 
     async def _forward(self, engine, payload: bytes, stream: bool) -> bool:
         """Proxy one attempt; False when the engine could not be reached at all."""
+        if stream:  # each chunk goes out at once, not held back by Nagle's algorithm
+            self.request.connection.stream.set_nodelay(True)
         head: dict = {"code": None, "headers": {}, "complete": False}
         held: list[bytes] = []
 

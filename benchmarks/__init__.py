@@ -1,0 +1,1 @@
+"""sage_nb benchmarks: `python -m benchmarks.run` (see README.md)."""
