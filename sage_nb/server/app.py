@@ -12,7 +12,7 @@ from sage_nb.controlplane import ControlPlane, ControlPlaneError, Settings
 from sage_nb.controlplane.router import Router
 from sage_nb.controlplane.settings import default_state_dir
 
-from .gateway import GATEWAY_HANDLERS, make_http_clients
+from .gateway import GATEWAY_HANDLERS, Watchdog, make_http_clients
 from .handlers import REST_HANDLERS, NoRouteHandler
 
 
@@ -61,9 +61,12 @@ class SageNBApp(ExtensionApp):
         except ControlPlaneError as e:
             raise SystemExit(f"sage_nb: bad configuration: {e.message}") from None
         self.control_plane = cp
+        router = Router(cp.registry)
+        self.watchdog = Watchdog(router)
         self.settings.update({
             "sage_nb_control_plane": cp,
-            "sage_nb_router": Router(cp.registry),
+            "sage_nb_router": router,
+            "sage_nb_watchdog": self.watchdog,
             **make_http_clients(),
             "sage_nb_request_timeout": self.request_timeout,
         })
@@ -89,6 +92,8 @@ class SageNBApp(ExtensionApp):
         self.handlers.extend(REST_HANDLERS + GATEWAY_HANDLERS + [(r"/sage_nb/.*", NoRouteHandler)])
 
     async def stop_extension(self) -> None:
+        if getattr(self, "watchdog", None) is not None:
+            self.watchdog.stop()
         cp = getattr(self, "control_plane", None)
         if cp is None:
             return

@@ -15,6 +15,7 @@ import time
 
 from jupyter_server.auth.decorator import authorized
 from tornado import httpclient, iostream, web
+from tornado.ioloop import PeriodicCallback
 from tornado.simple_httpclient import HTTPTimeoutError, SimpleAsyncHTTPClient
 
 from sage_nb.controlplane import ControlPlaneError
@@ -47,6 +48,41 @@ def _clients() -> dict[str, httpclient.AsyncHTTPClient]:
             "sage_nb_stream_client": SimpleAsyncHTTPClient(force_instance=True, max_clients=256)}
 
 
+class Watchdog:
+    """In-flight upstream requests by engine; every ``WATCH_INTERVAL`` s, those whose engine is no
+    longer ready are cancelled (one periodic pass for all requests, nothing per request)."""
+
+    def __init__(self, router: Router) -> None:
+        self.router = router
+        self.pending: dict[str, dict] = {}
+        self.timer: PeriodicCallback | None = None
+
+    def track(self, engine_id: str, future, handler) -> None:
+        if self.timer is None:  # started on first use, on the server's running loop
+            self.timer = PeriodicCallback(self.check, WATCH_INTERVAL * 1000)
+            self.timer.start()
+        self.pending.setdefault(engine_id, {})[future] = handler
+
+    def stop(self) -> None:
+        if self.timer is not None:
+            self.timer.stop()
+            self.timer = None
+
+    def untrack(self, engine_id: str, future) -> None:
+        futures = self.pending.get(engine_id)
+        if futures is not None:
+            futures.pop(future, None)
+            if not futures:
+                del self.pending[engine_id]
+
+    def check(self) -> None:
+        for engine_id in [e for e in self.pending if not self.router.is_ready(e)]:
+            for future, handler in list(self.pending.get(engine_id, {}).items()):
+                handler.engine_lost = True
+                handler.client_gone = True  # a streaming upstream is aborted at its next chunk
+                future.cancel()
+
+
 class ClientGone(Exception):
     """Raised inside the streaming callback to abort the upstream request."""
 
@@ -76,6 +112,7 @@ class ProxyHandler(GatewayHandler):
         self.route = route
         self.kind = ROUTE_KIND[route]
         self.client_gone = False
+        self.engine_lost = False
         self.upstream_started = False
 
     def on_connection_close(self) -> None:
@@ -186,22 +223,22 @@ class ProxyHandler(GatewayHandler):
         return True
 
     async def _watch(self, engine, fetch):
-        """Await the upstream answer, giving up with a 504 if the engine stops being ready
-        (failed, stopped, unhealthy) meanwhile — a request to a dead engine never hangs."""
-        future = asyncio.ensure_future(fetch)
-        router: Router = self.settings["sage_nb_router"]
-        while True:
-            done, _ = await asyncio.wait({future}, timeout=WATCH_INTERVAL)
-            if done:
-                return future.result()
-            if not router.is_ready(engine.id):
-                self.client_gone = True  # a streaming upstream is aborted at its next chunk
-                future.add_done_callback(lambda f: f.cancelled() or f.exception())
-                if self.upstream_started:
-                    self.finish()
-                    raise ClientGone()
-                raise ApiError(504, f"engine {engine.name!r} stopped being ready while answering; "
-                                    "see %llm engines / its logs")
+        """Await the upstream answer; :class:`Watchdog` cancels it if the engine stops being ready
+        (failed, stopped, unhealthy) meanwhile, and the caller gets a 504 — never a hang."""
+        watchdog: Watchdog = self.settings["sage_nb_watchdog"]
+        watchdog.track(engine.id, fetch, self)
+        try:
+            return await fetch
+        except asyncio.CancelledError:
+            if not self.engine_lost:
+                raise
+            if self.upstream_started:
+                self.finish()
+                raise ClientGone() from None
+            raise ApiError(504, f"engine {engine.name!r} stopped being ready while answering; "
+                                "see %llm engines / its logs") from None
+        finally:
+            watchdog.untrack(engine.id, fetch)
 
     def _start_reply(self, code: int, headers) -> None:
         if self.upstream_started:

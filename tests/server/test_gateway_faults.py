@@ -35,7 +35,7 @@ async def test_hung_engine_is_unrouted_and_its_request_gets_504(jp_fetch, jp_ser
     os.kill(engine["pid"], signal.SIGSTOP)  # hung: health probes now time out
     try:
         code, message = await pending
-        assert code == 504 and "'hangs' stopped being ready" in message
+        assert code == 504 and "'hangs' stopped being ready" in message, message
         assert time.monotonic() - t0 < 8
         assert not any(router.inflight.values())
         code, message = await error(jp_fetch, "v1", "chat", "completions", method="POST", body={"messages": []})
