@@ -35,7 +35,7 @@ case "${1:-}" in
         install ",test"
         # the dashboard is checked in a real headless Chromium (Debian's; Playwright drives it)
         if [ ! -x /usr/bin/chromium ] && command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
-            (apt-get update -qq && apt-get install -y -qq chromium) >/dev/null
+            (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium) >/dev/null
         fi
         export HF_HUB_OFFLINE=1 VLLM_CPU_KVCACHE_SPACE=${VLLM_CPU_KVCACHE_SPACE:-1}
         "$VENV/bin/python" -m ruff check sage_nb tests
