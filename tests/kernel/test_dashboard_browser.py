@@ -78,6 +78,7 @@ def test_dashboard_renders_in_jupyterlab(lab, tmp_path):
             news = page.get_by_role("button", name="No", exact=True)  # JupyterLab's news prompt
             if news.count():
                 news.first.click()
+                page.wait_for_timeout(1000)  # let the toast fade before the screenshot
             page.screenshot(path=str(shot), full_page=True)
         finally:
             browser.close()
