@@ -11,6 +11,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from contextlib import contextmanager
 
 TOKEN = "sage-test-token"
 BASE = "/jp%40x/"
@@ -84,3 +85,36 @@ def wait_ready(server: Server, engine_id: str, timeout: float = 600) -> dict:
             return e
         assert e["state"] == "starting" and time.monotonic() < deadline, e
         time.sleep(0.5)
+
+
+def stub_model(root) -> str:
+    """A config-only model directory: enough for the stub engine and for sizing."""
+    model = root / "stub-model"
+    model.mkdir(exist_ok=True)
+    (model / "config.json").write_text('{"num_hidden_layers": 1, "num_attention_heads": 1, "hidden_size": 8}')
+    return str(model)
+
+
+@contextmanager
+def running_server(root, port_range=(18900, 18949), stub_engines=False, extra_args=()):
+    """A started server; afterwards it is killed and no process of its engines is left."""
+    from sage_nb.controlplane import ControlPlane
+    from sage_nb.controlplane.process import group_members
+
+    from .conftest import STUB_PATH
+
+    args = list(extra_args)
+    if stub_engines:
+        args.append(f"--SageNBApp.engine_env={json.dumps({'PYTHONPATH': STUB_PATH})}")
+    server = Server(root, root / "state", free_port(), port_range=port_range, extra_args=args)
+    server.start()
+    try:
+        yield server
+    finally:
+        if server.proc.poll() is None:
+            server.kill()
+        cp = ControlPlane(state_dir=server.state_dir, monitor=False)
+        for engine in cp.engines():
+            for proc in group_members(engine["pid"]) if engine["pid"] else []:
+                proc.kill()
+        cp.close()

@@ -15,22 +15,15 @@ import pytest
 from sage_nb.controlplane import ControlPlane
 from sage_nb.controlplane.process import group_members
 
-from ..serverproc import TOKEN, Server, free_port, wait_ready
+from ..serverproc import TOKEN, Server, running_server, wait_ready
 
 pytestmark = pytest.mark.vllm
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    root = tmp_path_factory.mktemp("faults")
-    srv = Server(root, root / "state", free_port(), port_range=(18650, 18699))
-    srv.start()
-    yield srv
-    if srv.proc.poll() is None:
-        srv.kill()
-    for e in ControlPlane(state_dir=root / "state", monitor=False).engines():
-        for proc in group_members(e["pid"]) if e["pid"] else []:
-            proc.kill()
+    with running_server(tmp_path_factory.mktemp("faults"), (18650, 18699)) as srv:
+        yield srv
 
 
 def registry_view(server: Server) -> tuple[dict, list]:

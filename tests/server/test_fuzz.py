@@ -12,11 +12,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from IPython.core.error import UsageError
 
-from sage_nb.controlplane import ControlPlane
 from sage_nb.kernel.parsing import parse_cell, parse_line
 
-from ..conftest import STUB_PATH
-from ..serverproc import TOKEN, Server, free_port, wait_ready
+from ..serverproc import TOKEN, Server, running_server, stub_model, wait_ready
 
 JSON = st.recursive(
     st.none() | st.booleans() | st.integers(-2**40, 2**40) | st.floats(allow_nan=False) | st.text(max_size=30),
@@ -33,24 +31,13 @@ SETTINGS = settings(max_examples=60, deadline=None, suppress_health_check=[Healt
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    root = tmp_path_factory.mktemp("fuzz")
-    srv = Server(root, root / "state", free_port(), port_range=(18100, 18199),
-                 extra_args=[f"--SageNBApp.engine_env={json.dumps({'PYTHONPATH': STUB_PATH})}"])
-    srv.start()
-    model = root / "m"
-    model.mkdir()
-    (model / "config.json").write_text('{"num_hidden_layers": 1, "num_attention_heads": 1, "hidden_size": 8}')
-    for kind, name in (("llm", "chat"), ("embedding", "emb")):
-        code, e = srv.request("POST", "sage_nb/api/engines", {"model": str(model), "kind": kind, "name": name})
-        assert code == 202, e
-        wait_ready(srv, e["id"])
-    yield srv
-    srv.kill()
-    cp = ControlPlane(state_dir=root / "state", monitor=False)
-    for e in cp.engines():
-        if e["state"] in ("starting", "ready", "stopping"):
-            cp.stop_engine(e["id"])
-    cp.prune()
+    with running_server(tmp_path_factory.mktemp("fuzz"), (18100, 18199), stub_engines=True) as srv:
+        model = stub_model(srv.root)
+        for kind, name in (("llm", "chat"), ("embedding", "emb")):
+            code, e = srv.request("POST", "sage_nb/api/engines", {"model": model, "kind": kind, "name": name})
+            assert code == 202, e
+            wait_ready(srv, e["id"])
+        yield srv
 
 
 def send(server: Server, method: str, path: str, data: bytes | None):

@@ -14,29 +14,15 @@ import pytest
 
 from sage_nb.controlplane import ControlPlane
 
-from ..conftest import STUB_PATH
-from ..serverproc import TOKEN, Server, free_port, wait_ready
+from ..serverproc import TOKEN, Server, running_server, stub_model, wait_ready
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    root = tmp_path_factory.mktemp("security")
-    srv = Server(root, root / "state", free_port(), port_range=(18150, 18199),
-                 extra_args=[f"--SageNBApp.engine_env={json.dumps({'PYTHONPATH': STUB_PATH})}"])
-    srv.start()
-    model = root / "m"
-    model.mkdir()
-    (model / "config.json").write_text('{"num_hidden_layers": 1, "num_attention_heads": 1, "hidden_size": 8}')
-    code, e = srv.request("POST", "sage_nb/api/engines", {"model": str(model), "name": "secret-keeper"})
-    srv.engine = wait_ready(srv, e["id"])
-    srv.model = str(model)
-    yield srv
-    srv.kill()
-    cp = ControlPlane(state_dir=root / "state", monitor=False)
-    for x in cp.engines():
-        if x["state"] in ("starting", "ready"):
-            cp.stop_engine(x["id"])
-    cp.prune()
+    with running_server(tmp_path_factory.mktemp("security"), (18150, 18199), stub_engines=True) as srv:
+        code, e = srv.request("POST", "sage_nb/api/engines", {"model": stub_model(srv.root), "name": "secret-keeper"})
+        srv.engine = wait_ready(srv, e["id"])
+        yield srv
 
 
 def browser(server: Server):

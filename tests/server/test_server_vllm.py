@@ -8,26 +8,15 @@ import time
 import openai
 import pytest
 
-from sage_nb.controlplane.process import group_members
-
-from ..serverproc import TOKEN, Server, free_port, wait_ready
+from ..serverproc import TOKEN, Server, running_server, wait_ready
 
 pytestmark = pytest.mark.vllm
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    root = tmp_path_factory.mktemp("jupyter")
-    srv = Server(root, root / "state", free_port())
-    srv.start()
-    yield srv
-    if srv.proc.poll() is None:
-        srv.kill()
-    from sage_nb.controlplane import ControlPlane
-
-    for e in ControlPlane(state_dir=root / "state", monitor=False).engines():
-        for proc in group_members(e["pid"]) if e["pid"] else []:
-            proc.kill()
+    with running_server(tmp_path_factory.mktemp("jupyter")) as srv:
+        yield srv
 
 
 @pytest.fixture(scope="module")
