@@ -36,6 +36,15 @@ def make_model_dir(path: Path, weights_bytes: int, *, layers: int = 32, kv_heads
     return path
 
 
+def shutdown(client) -> None:
+    """Stop a test client's live engines, prune them, and close its embedded control plane."""
+    for e in client.engines():
+        if e["state"] in ("starting", "ready"):
+            client.stop(e["id"])
+    client.prune()
+    client.control_plane.close()
+
+
 @pytest.fixture
 def model_dir(tmp_path):
     """A factory of sized model directories."""

@@ -176,11 +176,7 @@ class ControlPlane:
             return req.name
         base = Path(req.model.rstrip("/")).name or "engine"
         base = "".join(c if c.isalnum() or c in "._-" else "-" for c in base)[:48] or "engine"
-        name, n = base, 1
-        while txn.name_taken(name):
-            n += 1
-            name = f"{base}-{n}"
-        return name
+        return txn.unique_name(base)
 
     def _place(self, engine: Engine, req: LaunchRequest, spec: ModelSpec,
                views: list[placement.GpuView], txn: Txn) -> None:

@@ -87,11 +87,7 @@ def adopt(cp: ControlPlane, server: FoundServer) -> str | None:
             if txn.get(holder).state in LIVE:
                 return None  # a live record owns that port; not ours to adopt
             txn.release_ports(holder)
-        base = server.served_model_name.rstrip("/").split("/")[-1] or "engine"
-        name, n = base, 1
-        while txn.name_taken(name):
-            n += 1
-            name = f"{base}-{n}"
+        name = txn.unique_name(server.served_model_name.rstrip("/").split("/")[-1] or "engine")
         own = server.registry == str(cp.settings.db_path.resolve()) and server.engine_id
         if own:  # our own engine whose record was lost (a corrupt registry): keep its id
             note = "re-adopted: its record was lost with the registry"

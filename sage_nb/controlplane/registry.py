@@ -158,6 +158,14 @@ class Txn:
     def name_taken(self, name: str) -> bool:
         return self.conn.execute("SELECT 1 FROM engines WHERE name = ?", (name,)).fetchone() is not None
 
+    def unique_name(self, base: str) -> str:
+        """``base``, or ``base-2``, ``base-3``… whichever no engine has yet."""
+        name, n = base, 1
+        while self.name_taken(name):
+            n += 1
+            name = f"{base}-{n}"
+        return name
+
     def insert(self, engine: Engine) -> None:
         self.conn.execute("INSERT INTO engines (id, name, data) VALUES (?, ?, ?)",
                           (engine.id, engine.name, engine.to_json()))

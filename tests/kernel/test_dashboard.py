@@ -7,7 +7,7 @@ import pytest
 from sage_nb.kernel.client import Client
 from sage_nb.kernel.dashboard import Dashboard, gpu_bar_html
 
-from ..conftest import BUSY_BOX, STUB_PATH
+from ..conftest import BUSY_BOX, STUB_PATH, shutdown
 
 
 @pytest.fixture
@@ -17,11 +17,7 @@ def client(state_dir, monkeypatch):
     cl = Client(embedded=True, state_dir=state_dir, engine_env={"PYTHONPATH": STUB_PATH}, adopt_unrecorded=False,
                 port_range=(18600, 18649), fake_gpus=BUSY_BOX, health_interval=0.2)
     yield cl
-    for e in cl.engines():
-        if e["state"] in ("starting", "ready"):
-            cl.stop(e["id"])
-    cl.prune()
-    cl.control_plane.close()
+    shutdown(cl)
 
 
 def html_of(box) -> str:

@@ -12,7 +12,7 @@ from sage_nb.kernel.client import Client, loading_phase
 from sage_nb.kernel.magics import SageNBError
 from sage_nb.kernel.parsing import parse_cell, parse_line
 
-from ..conftest import STUB_PATH
+from ..conftest import STUB_PATH, shutdown
 
 
 @pytest.fixture
@@ -29,11 +29,7 @@ def shell(state_dir, monkeypatch):
     magics = sh.magics_manager.registry["LLMMagics"]
     magics._client = None
     yield sh
-    for e in cl.engines():
-        if e["state"] in ("starting", "ready"):
-            cl.stop(e["id"])
-    cl.prune()
-    cl.control_plane.close()
+    shutdown(cl)
     default_client.set_client(None)
 
 
