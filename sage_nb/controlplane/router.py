@@ -98,8 +98,10 @@ class Router:
             raise NoBackend(no_backend_message(kind))
         if len(candidates) == 1:
             return candidates[0]
-        turn = next(self._tiebreak)
-        return min(candidates, key=lambda e: (self.inflight[e.id], (hash(e.id) + turn) % len(candidates)))
+        # least in flight; ties go round robin (rotating by position, so every replica gets turns)
+        turn, n = next(self._tiebreak), len(candidates)
+        best = min(range(n), key=lambda i: (self.inflight.get(candidates[i].id, 0), (i - turn) % n))
+        return candidates[best]
 
     def acquire(self, engine: Engine) -> None:
         self.inflight[engine.id] += 1
