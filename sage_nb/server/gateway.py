@@ -208,7 +208,9 @@ class ProxyHandler(GatewayHandler):
             if timed_out and "onnect" not in str(err):
                 raise ApiError(504, f"engine {engine.name!r} did not answer within "
                                          f"{request.request_timeout:.0f} s")
-            if not _never_connected(err):  # the request reached the engine: not safe to resend
+            # A request that reached a live engine is not resent (it may be at work on it); one
+            # that met a pooled connection of an engine that has since died is safe to resend.
+            if not _never_connected(err) and not await _gone(engine):
                 raise ApiError(502, f"engine {engine.name!r} broke off the request: {err}")
             log.info("sage_nb gateway: engine %s unreachable: %s", engine.name, err)
             return False
@@ -258,6 +260,18 @@ def _never_connected(error) -> bool:
         return True
     text = str(error)
     return "onnection refused" in text or "Could not connect" in text or "Failed to connect" in text
+
+
+async def _gone(engine) -> bool:
+    """True when nothing listens on the engine's port any more (it died or was stopped)."""
+    try:
+        _, writer = await asyncio.wait_for(asyncio.open_connection(engine.host, engine.port), 1.0)
+    except TimeoutError:  # something is there but slow to accept: not known to be gone
+        return False
+    except OSError:
+        return True
+    writer.close()
+    return False
 
 
 GATEWAY_HANDLERS = [

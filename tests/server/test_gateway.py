@@ -91,6 +91,45 @@ async def test_replicas_share_load_and_a_dead_one_is_skipped(jp_fetch, jp_server
         assert code == 200 and reply["served_by"] == b["port"]
 
 
+async def test_engine_dying_on_a_request_is_resent_to_a_replica(jp_fetch, jp_serverapp, model_dir):
+    # The request reached the engine over a pooled connection, then the engine died without a word:
+    # nothing can be working on it any more, so the gateway resends it to the other replica.
+    model = model_dir(1)
+    a = await start(jp_fetch, model)
+    b = await start(jp_fetch, model)
+    body = {"model": str(model), "messages": [], "stub_fault": {"port": a["port"], "do": "die"}}
+    for _ in range(4):  # the router takes turns, so one of these reaches a and kills it
+        code, reply = await call(jp_fetch, "v1", "chat", "completions", method="POST", body=body)
+        assert code == 200 and reply["served_by"] == b["port"]
+    assert _dead(a["pid"])
+
+
+async def test_live_engine_cutting_a_request_off_is_502_not_resent(jp_fetch, model_dir):
+    # The engine is still there and may be working on it: resending could do the work twice.
+    model = model_dir(1)
+    a = await start(jp_fetch, model)
+    await start(jp_fetch, model)
+    body = {"model": str(model), "messages": [], "stub_fault": {"port": a["port"], "do": "drop"}}
+    codes = []
+    for _ in range(4):
+        code, reply = await call(jp_fetch, "v1", "chat", "completions", method="POST", body=body,
+                                 raise_error=False)
+        codes.append(code)
+        assert code in (200, 502)
+        if code == 502:
+            assert "broke off the request" in reply["message"]
+    assert codes.count(502) == 2  # every request sent to a, and only those, failed
+    assert not _dead(a["pid"])
+
+
+def _dead(pid: int) -> bool:
+    import psutil
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
 @pytest.fixture
 def jp_server_config(state_dir):
     return {

@@ -8,6 +8,8 @@ exercised with many engines at once. End-to-end tests use the real vLLM.
 import argparse
 import json
 import os
+import signal
+import socket
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -64,6 +66,12 @@ class Handler(BaseHTTPRequestHandler):
             return self._send(401, {"error": "Unauthorized"})
         if os.environ.get("STUB_HANG"):
             time.sleep(3600)
+        fault = body.pop("stub_fault", None)  # {"port": P, "do": "die"|"drop"}: injected by a test
+        if isinstance(fault, dict) and fault.get("port") == args.port:
+            if fault.get("do") == "die":  # the engine dies with the request read, nothing answered
+                os.kill(os.getpid(), signal.SIGKILL)
+            self.close_connection = True  # "drop": alive, but this request is cut off unanswered
+            return self.request.shutdown(socket.SHUT_RDWR)
         route = self.path.removeprefix("/v1/")
         if route in ("chat/completions", "completions") and not POOLING:
             if body.get("stream"):
