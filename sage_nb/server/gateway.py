@@ -114,6 +114,7 @@ class ProxyHandler(GatewayHandler):
         self.client_gone = False
         self.engine_lost = False
         self.upstream_started = False
+        self.lost: list[str] = []  # why each replica tried was given up
 
     def on_connection_close(self) -> None:
         self.client_gone = True
@@ -131,9 +132,9 @@ class ProxyHandler(GatewayHandler):
             try:
                 engine = router.pick(self.kind, model, frozenset(tried))
             except ControlPlaneError as e:
-                if tried:  # every replica refused the connection
-                    raise ApiError(502, f"no engine for {model or self.kind} answered: "
-                                             f"{e.message}") from None
+                if tried:  # every replica it went to is unreachable or gone
+                    raise ApiError(502, f"{'; '.join(self.lost)}; no other replica is ready: "
+                                        f"{e.message}") from None
                 raise ApiError(e.status, e.message) from None
             payload = self.request.body
             if body.get("model") != engine.served_model_name:
@@ -210,9 +211,13 @@ class ProxyHandler(GatewayHandler):
                                          f"{request.request_timeout:.0f} s")
             # A request that reached a live engine is not resent (it may be at work on it); one
             # that met a pooled connection of an engine that has since died is safe to resend.
-            if not _never_connected(err) and not await _gone(engine):
+            if _never_connected(err):
+                self.lost.append(f"engine {engine.name!r} refused the connection")
+            elif await _gone(self.settings["sage_nb_stream_client"], engine):
+                self.lost.append(f"engine {engine.name!r} went away with the request unanswered ({err})")
+            else:
                 raise ApiError(502, f"engine {engine.name!r} broke off the request: {err}")
-            log.info("sage_nb gateway: engine %s unreachable: %s", engine.name, err)
+            log.info("sage_nb gateway: %s; trying another replica", self.lost[-1])
             return False
         if stream:
             self._start_reply(head["code"] or response.code, head["headers"])
@@ -262,16 +267,19 @@ def _never_connected(error) -> bool:
     return "onnection refused" in text or "Could not connect" in text or "Failed to connect" in text
 
 
-async def _gone(engine) -> bool:
-    """True when nothing listens on the engine's port any more (it died or was stopped)."""
+async def _gone(client: httpclient.AsyncHTTPClient, engine) -> bool:
+    """True when the engine's ``/health`` cannot be reached at all: it died or was stopped. A port
+    still listening is not enough (a dying process's listener takes connections for a moment);
+    one that answers, even with an error, or is merely slow, is not gone."""
+    request = httpclient.HTTPRequest(f"http://{engine.host}:{engine.port}/health", connect_timeout=1.0,
+                                     request_timeout=1.0)
     try:
-        _, writer = await asyncio.wait_for(asyncio.open_connection(engine.host, engine.port), 1.0)
-    except TimeoutError:  # something is there but slow to accept: not known to be gone
+        response = await client.fetch(request, raise_error=False)
+    except HTTPTimeoutError:
         return False
-    except OSError:
+    except (OSError, iostream.StreamClosedError, httpclient.HTTPClientError):
         return True
-    writer.close()
-    return False
+    return response.code == 599 and not isinstance(response.error, HTTPTimeoutError)
 
 
 GATEWAY_HANDLERS = [
