@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 
 from . import probe, process
 from .state import EngineState
+from .workprobe import WorkProbes
 
 if TYPE_CHECKING:
     from .core import ControlPlane
@@ -55,32 +56,44 @@ def check_starting(cp: ControlPlane, engine: Engine) -> None:
                 txn.update(engine.id, state=S.READY, ready_at=time.time(), health_failures=0)
 
 
-def check_ready(cp: ControlPlane, engine: Engine) -> None:
+def check_ready(cp: ControlPlane, engine: Engine, work: WorkProbes | None = None) -> None:
+    """Process alive, ``/health`` answering and, with ``work``, real requests completing."""
     popen = cp._popens.get(engine.id)
     code = popen.poll() if popen is not None else None
     if code is not None or not process.is_alive(engine.pid, engine.create_time):
         cp.fail(engine.id, _failure(engine, "the engine process died"))
         return
     ok = probe.healthy(engine.host, engine.port, cp.settings.probe_timeout)
-    failures = 0 if ok else engine.health_failures + 1
+    stuck_now = stuck = False
+    if ok and work is not None:
+        stuck_now, stuck = work.check(engine)
+    failures = engine.health_failures  # a stuck engine stays unrouted until a probe is answered
+    if not ok or stuck_now:
+        failures += 1
+    elif not stuck:
+        failures = 0
     if failures >= cp.settings.health_failures:
-        cp.fail(engine.id, _failure(engine, f"unhealthy: {failures} health probes failed in a row"))
+        what = "work probes (a 1-token request) got no answer" if stuck else "health probes failed"
+        cp.fail(engine.id, _failure(engine, f"unhealthy: {failures} {what} in a row"))
     elif failures != engine.health_failures:
         with cp.registry.transaction() as txn:
             if txn.get(engine.id).state == S.READY:
                 txn.update(engine.id, health_failures=failures)
 
 
-def check_all(cp: ControlPlane) -> None:
+def check_all(cp: ControlPlane, work: WorkProbes | None = None) -> None:
     """One pass over every starting and ready engine."""
-    for engine in cp.registry.engines():
+    engines = cp.registry.engines()
+    for engine in engines:
         try:
             if engine.state == S.STARTING:
                 check_starting(cp, engine)
             elif engine.state == S.READY:
-                check_ready(cp, engine)
+                check_ready(cp, engine, work)
         except LookupError:
             continue  # pruned meanwhile
+    if work is not None:
+        work.forget({e.id for e in engines if e.state == S.READY})
 
 
 class HealthMonitor(threading.Thread):
@@ -89,13 +102,14 @@ class HealthMonitor(threading.Thread):
     def __init__(self, cp: ControlPlane) -> None:
         super().__init__(name="sage_nb-health", daemon=True)
         self.cp = cp
+        self.work = WorkProbes(cp.settings.work_probe_interval, cp.settings.work_probe_timeout)
         self._stop_event = threading.Event()
 
     def run(self) -> None:
         while not self._stop_event.is_set():
             starting = False
             try:
-                check_all(self.cp)
+                check_all(self.cp, self.work)
                 starting = any(e.state == S.STARTING for e in self.cp.registry.engines())
             except Exception:  # never let the monitor die; the next pass retries
                 log.exception("sage_nb health pass failed")

@@ -57,7 +57,7 @@ def _corrupt(error: sqlite3.DatabaseError) -> bool:
 
 
 # Fields of the engine record that are never shown outside the control plane.
-PRIVATE_FIELDS = frozenset({"api_key", "create_time", "health_failures", "launch_env"})
+PRIVATE_FIELDS = frozenset({"api_key", "create_time", "launch_env"})
 
 
 @dataclass

@@ -83,6 +83,8 @@ class Settings:
     health_interval: float = 1.0
     health_failures: int = 3
     probe_timeout: float = 2.0
+    work_probe_interval: float = 10.0  # a 1-token request to each ready engine this often; 0: never
+    work_probe_timeout: float = 30.0  # no answer and no progress meanwhile: one failed probe
     stop_grace: float = 15.0
     cpu_kvcache_gib: int = 1
     engine_env: dict[str, str] = field(default_factory=dict)
@@ -100,6 +102,8 @@ class Settings:
             raise BadRequest(f"port_range {self.port_range} must lie within 1024..65535")
         if self.startup_timeout <= 0 or self.health_interval <= 0 or self.health_failures < 1:
             raise BadRequest("startup_timeout, health_interval and health_failures must be positive")
+        if self.work_probe_interval < 0 or self.work_probe_timeout <= 0:
+            raise BadRequest("work_probe_interval must be >= 0 (0: off) and work_probe_timeout positive")
 
     @property
     def db_path(self) -> Path:

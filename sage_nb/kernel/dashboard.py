@@ -112,7 +112,7 @@ class Dashboard(w.VBox):
         cells = [w.HTML(f"<b>{h}</b>") for h in header] + [w.HTML("")] * 2
         for e in engines:
             color = STATE_COLORS.get(e["state"], "#000")
-            health = "ok" if e["state"] == "ready" else (e.get("error") or "").split("\n")[0][:60]
+            health = health_of(e)
             values = [e["name"], e["served_model_name"], e["kind"],
                       f"<span style='color:{color}'>{e['state']}</span>",
                       ",".join(map(str, e["gpu_ids"])) or "cpu", e["port"], uptime(e), html.escape(health)]
@@ -203,7 +203,8 @@ class Dashboard(w.VBox):
             lines.append(f"  no NVIDIA GPU ({data['gpus'].get('error') or 'none found'}): engines run on CPU")
         for e in data["engines"]:
             lines.append(f"  {e['name']:<20} {e['kind']:<9} {e['state']:<8} port {e['port']} "
-                         f"gpus {','.join(map(str, e['gpu_ids'])) or 'cpu'} {e['served_model_name']}")
+                         f"gpus {','.join(map(str, e['gpu_ids'])) or 'cpu'} {e['served_model_name']}"
+                         f" ({health_of(e)})")
         if not data["engines"]:
             lines.append("  no engines")
         return "\n".join(lines)
@@ -213,3 +214,11 @@ class Dashboard(w.VBox):
         if isinstance(bundle, dict):
             bundle["text/plain"] = repr(self)
         return bundle
+
+
+def health_of(engine: dict) -> str:
+    """``ok``, the failed probes of a ready engine that is not routed to, or the first line of its error."""
+    if engine["state"] == "ready":
+        failures = engine.get("health_failures") or 0
+        return "ok" if not failures else f"unhealthy: {failures} failed probe(s), not routed to"
+    return (engine.get("error") or "").split("\n")[0][:60]

@@ -33,6 +33,11 @@ class SageNBApp(ExtensionApp):
         config=True)
     health_interval = Float(1.0, help="Seconds between health probes of each engine.").tag(config=True)
     health_failures = Int(3, help="Failed probes in a row after which an engine is failed.").tag(config=True)
+    work_probe_interval = Float(10.0, help="Seconds between work probes (a 1-token request) of each ready "
+                                           "engine, which catch an engine that answers /health but "
+                                           "completes nothing; 0 turns them off.").tag(config=True)
+    work_probe_timeout = Float(30.0, help="Seconds a work probe may take before it counts as a failed "
+                                          "probe (unless the engine made progress meanwhile).").tag(config=True)
     startup_timeout = Float(600.0, help="Seconds an engine may take to become ready.").tag(config=True)
     request_timeout = Float(600.0, help="Seconds the gateway waits for an engine's answer.").tag(config=True)
     adopt_unrecorded = Bool(True, help="Adopt vLLM servers of this user that sage_nb did not start "
@@ -49,7 +54,8 @@ class SageNBApp(ExtensionApp):
         kwargs = {"state_dir": self.state_dir or str(default_state_dir()), "engine_env": dict(self.engine_env),
                   "port_range": tuple(self.port_range), "health_interval": self.health_interval,
                   "health_failures": self.health_failures, "startup_timeout": self.startup_timeout,
-                  "adopt_unrecorded": self.adopt_unrecorded}
+                  "adopt_unrecorded": self.adopt_unrecorded, "work_probe_interval": self.work_probe_interval,
+                  "work_probe_timeout": self.work_probe_timeout}
         if self.engine_python:
             kwargs["engine_python"] = self.engine_python
         if self.fake_gpus:

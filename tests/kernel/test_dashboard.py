@@ -43,6 +43,9 @@ def test_gpu_bars_and_engine_rows(client, model_dir):
     assert "big" in repr(board) and "GPU0" in repr(board)
     bundle = board._repr_mimebundle_()
     assert bundle["text/plain"] == repr(board) and "application/vnd.jupyter.widget-view+json" in bundle
+    assert "(ok)" in repr(board)
+    board._show_engines([{**client.engine("big"), "health_failures": 1}])  # as after a failed probe
+    assert "unhealthy: 1 failed probe(s), not routed to" in html_of(board.engine_box)
 
 
 def test_widgets_change_only_when_data_changes(client, model_dir):

@@ -12,7 +12,7 @@ import openai
 import psutil
 import pytest
 
-from sage_nb.controlplane import ControlPlane
+from sage_nb.controlplane import ControlPlane, probe
 from sage_nb.controlplane.process import group_members
 
 from ..serverproc import TOKEN, Server, running_server, wait_ready
@@ -22,7 +22,8 @@ pytestmark = pytest.mark.vllm
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    with running_server(tmp_path_factory.mktemp("faults"), (18650, 18699)) as srv:
+    probes = ("--SageNBApp.work_probe_interval=1", "--SageNBApp.work_probe_timeout=5")  # hangs in seconds
+    with running_server(tmp_path_factory.mktemp("faults"), (18650, 18699), extra_args=probes) as srv:
         yield srv
 
 
@@ -84,11 +85,33 @@ def test_server_killed_while_an_engine_starts_then_while_it_streams_then_while_i
     assert server.request("POST", "sage_nb/api/engines/prune")[1]["removed"] == [engine["id"]]
 
 
-def test_enginecore_killed_fails_within_seconds(server, tiny_llama):
+def test_enginecore_hung_then_killed(server, tiny_llama):
     code, engine = server.request("POST", "sage_nb/api/engines", {"model": str(tiny_llama), "name": "core"})
     engine = wait_ready(server, engine["id"])
     core = [c for c in psutil.Process(engine["pid"]).children(recursive=True) if c.name() == "VLLM::EngineCore"]
     assert len(core) == 1
+
+    # Hung: EngineCore stopped. The api_server still answers /health 200; only work probes see it.
+    oa = openai.OpenAI(base_url=server.url + "sage_nb/v1", api_key=TOKEN, max_retries=0, timeout=120)
+    os.kill(core[0].pid, signal.SIGSTOP)
+    try:
+        assert probe.healthy(engine["host"], engine["port"])
+        t0 = time.monotonic()
+        with pytest.raises(openai.APIStatusError) as exc:
+            oa.chat.completions.create(model="core", max_tokens=4, messages=[{"role": "user", "content": "hi"}])
+        assert exc.value.status_code == 504 and "'core' stopped being ready" in exc.value.message
+        assert time.monotonic() - t0 < 30  # the work probe's 5 s timeout and a pass, not the 600 s one
+        assert server.get("sage_nb/api/backends")[1]["llm_backends"] == []  # not routed to
+        assert server.get(f"sage_nb/api/engines/{engine['id']}")[1]["state"] == "ready"  # not failed yet
+    finally:
+        os.kill(core[0].pid, signal.SIGCONT)
+    deadline = time.monotonic() + 30  # answering again: the next work probe makes it routable again
+    while not server.get("sage_nb/api/backends")[1]["llm_backends"]:
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+    reply = oa.chat.completions.create(model="core", max_tokens=2, messages=[{"role": "user", "content": "back?"}])
+    assert reply.usage.completion_tokens > 0
+
     t0 = time.monotonic()
     os.kill(core[0].pid, signal.SIGKILL)
     while server.get(f"sage_nb/api/engines/{engine['id']}")[1]["state"] != "failed":

@@ -41,6 +41,13 @@ class Handler(BaseHTTPRequestHandler):
     def do_GET(self):
         if self.path == "/health":
             return self._send(200, {})
+        if self.path == "/metrics" and os.environ.get("STUB_BUSY"):  # progress counters that keep moving
+            data = f"vllm:generation_tokens_total{{model_name=\"{SERVED}\"}} {time.time() * 100:.1f}\n".encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "text/plain")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            return self.wfile.write(data)
         if self.path == "/openapi.json":
             route = "/v1/embeddings" if POOLING else "/v1/chat/completions"
             return self._send(200, {"paths": {route: {}, "/v1/models": {}}})
@@ -64,7 +71,7 @@ class Handler(BaseHTTPRequestHandler):
             raise ValueError("body must be an object")
         if KEY and self.headers.get("Authorization") != f"Bearer {KEY}":
             return self._send(401, {"error": "Unauthorized"})
-        if os.environ.get("STUB_HANG"):
+        if os.environ.get("STUB_HANG") or os.environ.get("STUB_BUSY"):  # BUSY: slow, yet making progress
             time.sleep(3600)
         fault = body.pop("stub_fault", None)  # {"port": P, "do": "die"|"drop"}: injected by a test
         if isinstance(fault, dict) and fault.get("port") == args.port:
