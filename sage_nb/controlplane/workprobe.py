@@ -46,7 +46,7 @@ def run_probe(host: str, port: int, kind: str, served_name: str, api_key: str | 
               timeout: float) -> str | None:
     """Send one tiny request; ``OK`` if the engine answered at all, ``STUCK`` if it neither
     answered within ``timeout`` nor made progress on anything else meanwhile."""
-    before = progress(host, port, api_key, min(timeout, 5.0))
+    before = progress(host, port, api_key, 5.0)
     if kind == "embedding":
         path, body = "/v1/embeddings", {"model": served_name, "input": "ping"}
     else:
