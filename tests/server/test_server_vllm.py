@@ -39,7 +39,7 @@ def test_openai_client_through_the_gateway(server, engines):
     assert models == {"tiny": "llm", "minilm": "embedding"}
     reply = oa.chat.completions.create(model="tiny", max_tokens=8, messages=[{"role": "user", "content": "hi"}])
     assert reply.usage.completion_tokens > 0 and reply.choices[0].message.content is not None
-    chunks = list(oa.chat.completions.create(model="tiny", max_tokens=8, stream=True,
+    chunks = list(oa.chat.completions.create(model="tiny", max_tokens=64, stream=True, extra_body={"ignore_eos": True},
                                              messages=[{"role": "user", "content": "hi"}]))
     assert len([c for c in chunks if c.choices and c.choices[0].delta.content]) >= 2
     vectors = oa.embeddings.create(model="minilm", input=["notebooks", "gpus"])
