@@ -12,6 +12,7 @@ class Reply:
     status: int           # 0 when the engine could not be reached
     body: bytes = b""
     error: str | None = None
+    timed_out: bool = False  # status 0 because no answer came within the timeout
 
     def json(self):
         try:
@@ -20,19 +21,27 @@ class Reply:
             return None
 
 
-def get(host: str, port: int, path: str, api_key: str | None = None,
-        timeout: float = 2.0) -> Reply:
-    """One GET; never raises for network errors (they give ``status == 0``)."""
+def call(host: str, port: int, method: str, path: str, api_key: str | None = None,
+         timeout: float = 2.0, body: dict | None = None) -> Reply:
+    """One request (``body`` sent as JSON); never raises for network errors (they give ``status == 0``)."""
     conn = http.client.HTTPConnection(host, port, timeout=timeout)
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    if body is not None:
+        headers["Content-Type"] = "application/json"
     try:
-        conn.request("GET", path, headers=headers)
+        conn.request(method, path, body=None if body is None else json.dumps(body), headers=headers)
         resp = conn.getresponse()
         return Reply(resp.status, resp.read())
     except (OSError, http.client.HTTPException) as e:
-        return Reply(0, error=f"{type(e).__name__}: {e}")
+        return Reply(0, error=f"{type(e).__name__}: {e}", timed_out=isinstance(e, TimeoutError))
     finally:
         conn.close()
+
+
+def get(host: str, port: int, path: str, api_key: str | None = None,
+        timeout: float = 2.0) -> Reply:
+    """One GET; never raises for network errors (they give ``status == 0``)."""
+    return call(host, port, "GET", path, api_key, timeout)
 
 
 def healthy(host: str, port: int, timeout: float = 2.0) -> bool:

@@ -11,8 +11,6 @@ engine never slows the health pass that watches the others.
 
 from __future__ import annotations
 
-import http.client
-import json
 import threading
 import time
 from dataclasses import dataclass, field
@@ -51,20 +49,11 @@ def run_probe(host: str, port: int, kind: str, served_name: str, api_key: str | 
         path, body = "/v1/embeddings", {"model": served_name, "input": "ping"}
     else:
         path, body = "/v1/completions", {"model": served_name, "prompt": "ping", "max_tokens": 1}
-    headers = {"Content-Type": "application/json"}
-    if api_key:
-        headers["Authorization"] = f"Bearer {api_key}"
-    conn = http.client.HTTPConnection(host, port, timeout=timeout)
-    try:
-        conn.request("POST", path, body=json.dumps(body), headers=headers)
-        conn.getresponse().read()
+    reply = probe.call(host, port, "POST", path, api_key, timeout, body)
+    if reply.status:
         return OK  # any answer, even an error status, means the engine is not hung
-    except TimeoutError:
-        pass
-    except (OSError, http.client.HTTPException):
+    if not reply.timed_out:
         return None  # unreachable or cut off: /health and the process check judge that
-    finally:
-        conn.close()
     after = progress(host, port, api_key, 5.0)
     if before is not None and after is not None and after > before:
         return OK  # slow because busy: it is working through other requests
@@ -73,7 +62,6 @@ def run_probe(host: str, port: int, kind: str, served_name: str, api_key: str | 
 
 @dataclass
 class _Slot:
-    started: float = 0.0
     finished: float = 0.0
     thread: threading.Thread | None = None
     verdict: str | None = None
@@ -108,7 +96,7 @@ class WorkProbes:
                     slot.stuck = False
             due = slot.stuck or now - slot.finished >= self.interval
             if slot.thread is None and due:
-                slot.started, slot.verdict = now, None
+                slot.verdict = None
                 slot.thread = threading.Thread(target=self._probe, args=(engine, slot), daemon=True,
                                                name=f"sage_nb-work-probe-{engine.id}")
                 slot.thread.start()
