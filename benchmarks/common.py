@@ -15,8 +15,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-FASTSTUB = str(Path(__file__).resolve().parent / "faststub")
+STUB_ENGINE = str(ROOT / "sage_nb" / "testing" / "stub_engine")  # the stub engine: vllm.entrypoints.openai.api_server
 API_SERVER = "vllm.entrypoints.openai.api_server"
+STREAM_PARTS, STREAM_GAP_MS = 8, 2  # the benchmarks' stub streams (the stub's own defaults suit the tests)
 REGISTRY_ENV = "SAGE_NB_REGISTRY"  # a server whose registry differs never adopts such a process
 
 
@@ -157,12 +158,15 @@ def _group_alive(pgid: int) -> bool:
 
 def start_stub(port: int, served: str, log: Path, *, key: str = "", registry: str = "",
                pooling: bool = False, env: dict | None = None) -> subprocess.Popen:
-    """A fast stub engine with vLLM's command-line shape (adoptable by sage_nb's discovery)."""
+    """A fast stub engine with vLLM's command-line shape (adoptable by sage_nb's discovery); streams of
+    ``STREAM_PARTS`` chunks ``STREAM_GAP_MS`` apart unless ``env`` sets ``STUB_STREAM_PARTS`` /
+    ``STUB_STREAM_GAP_MS``."""
     cmd = [sys.executable, "-m", API_SERVER, "--model", f"/models/{served}", "--host", "127.0.0.1",
            "--port", str(port), "--served-model-name", served]
     if pooling:
         cmd += ["--runner", "pooling"]
-    full_env = {**os.environ, "PYTHONPATH": FASTSTUB, "VLLM_API_KEY": key, **(env or {})}
+    full_env = {**os.environ, "PYTHONPATH": STUB_ENGINE, "VLLM_API_KEY": key,
+                "STUB_STREAM_PARTS": str(STREAM_PARTS), "STUB_STREAM_GAP_MS": str(STREAM_GAP_MS), **(env or {})}
     if registry:
         full_env[REGISTRY_ENV] = registry
     return spawn(cmd, full_env, log)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -12,7 +13,7 @@ from sage_nb.controlplane import ControlPlane
 
 pytest_plugins = ["pytest_jupyter.jupyter_server"]
 
-STUB_PATH = str(Path(__file__).parent / "stub_vllm")
+STUB_PATH = str(Path(__file__).resolve().parents[1] / "sage_nb" / "testing" / "stub_engine")
 GIB = 1024**3
 
 BUSY_BOX = [  # a two-GPU box whose GPU0 another user already fills
@@ -38,11 +39,23 @@ def make_model_dir(path: Path, weights_bytes: int, *, layers: int = 32, kv_heads
 
 def shutdown(client) -> None:
     """Stop a test client's live engines, prune them, and close its embedded control plane."""
-    for e in client.engines():
-        if e["state"] in ("starting", "ready"):
-            client.stop(e["id"])
-    client.prune()
+    client.control_plane.stop_all()
     client.control_plane.close()
+
+
+def wait_for(predicate, timeout=10.0, interval=0.05):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError("condition not met in time")
+
+
+def leases(cp):
+    with cp.registry.snapshot() as txn:
+        return txn.leases(), txn.bookings()
 
 
 @pytest.fixture
@@ -78,19 +91,13 @@ def stub_cp(state_dir):
 
     yield make
     for cp in cps:
-        for e in cp.engines():
-            if e["state"] in ("starting", "ready", "stopping"):
-                try:
-                    cp.stop_engine(e["id"])
-                except Exception:
-                    pass
-        cp.prune()
+        cp.stop_all()
         cp.close()
 
 
 @pytest.fixture(scope="session")
 def tiny_llama(tmp_path_factory) -> Path:
-    from sage_nb.tinymodel import default_models_dir, make_tiny_llama
+    from sage_nb.testing.tinymodel import default_models_dir, make_tiny_llama
 
     target = default_models_dir() / "tiny-llama"
     if os.access(target.parent, os.W_OK) or not target.exists():
@@ -100,7 +107,7 @@ def tiny_llama(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def minilm() -> Path:
-    from sage_nb.tinymodel import minilm_path
+    from sage_nb.testing.tinymodel import minilm_path
 
     return minilm_path()
 

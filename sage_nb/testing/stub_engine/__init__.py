@@ -1,0 +1,1 @@
+"""A stand-in for vLLM: put this folder on PYTHONPATH, run ``python -m vllm.entrypoints.openai.api_server``."""

@@ -1,0 +1,400 @@
+"""A fast stand-in for vLLM's OpenAI server, for sage_nb's tests, benchmarks and tutorials.
+
+``PYTHONPATH=sage_nb/testing/stub_engine python -m vllm.entrypoints.openai.api_server --model M --port P
+[--host H] [--served-model-name S] [--runner pooling]``: it takes vLLM's command line, so sage_nb
+launches, discovers and adopts it like a real engine, and it answers at once (raw asyncio protocol,
+keep-alive, precomputed replies, no framework, uvloop when importable), so what a benchmark measures
+through it is the proxy in front of it. End-to-end tests use the real vLLM.
+
+Routes: ``/health``, ``/openapi.json``, ``GET /v1/models``, and chat, completions (streaming too) or,
+with ``--runner pooling``, embeddings. Like vLLM, ``/v1/*`` needs ``Bearer $VLLM_API_KEY`` when that is
+set (401), and a bad body is a 400 ``{"error": {"message": ...}}``, never a dropped connection.
+Replies and stream chunks carry ``"served_by": <port>``.
+
+Environment (a flag is on for any non-empty value):
+
+- ``STUB_STARTUP_DELAY``: seconds to wait before binding the port (default 0).
+- ``STUB_HANG``: never answer a POST, while ``/health`` keeps answering (a stuck EngineCore).
+- ``STUB_BUSY``: never answer a POST either, but ``/metrics`` serves ``vllm:generation_tokens_total``,
+  which keeps increasing (busy, not hung). Without it ``/metrics`` is a 404.
+- ``STUB_STREAM_PARTS``: chunks per stream (default 3), ``STUB_STREAM_GAP_MS`` apart (default 50),
+  then ``data: [DONE]``.
+
+A test injects a fault with a body field ``"stub_fault": {"port": P, "do": "die" | "drop"}``: the
+engine on port P, once it has read the request, SIGKILLs itself without answering ("die"), or closes
+the connection unanswered and stays alive ("drop"). Engines on other ports ignore the field.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import socket
+import time
+from http import HTTPStatus
+
+MAX_HEAD = 64 * 1024  # bytes of request line and headers
+CACHE_SIZE = 256  # replies precomputed per (route, model, ...); cleared when full
+CHAT, COMPLETIONS, EMBEDDINGS = "/v1/chat/completions", "/v1/completions", "/v1/embeddings"
+
+
+def response(status: int, body: dict | bytes, ctype: bytes = b"application/json") -> bytes:
+    """A whole HTTP/1.1 reply with a content-length (the connection stays open)."""
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    return (b"HTTP/1.1 %d %s\r\ncontent-type: %s\r\ncontent-length: %d\r\n\r\n"
+            % (status, HTTPStatus(status).phrase.encode(), ctype, len(data))) + data
+
+
+def closing(reply: bytes) -> bytes:
+    """The same reply, announcing that the connection closes after it."""
+    return reply.replace(b"\r\n\r\n", b"\r\nconnection: close\r\n\r\n", 1)
+
+
+def frame(data: bytes) -> bytes:
+    """One chunk of a chunked body."""
+    return b"%x\r\n%s\r\n" % (len(data), data)
+
+
+def bad_request(message: str) -> bytes:
+    return response(400, {"error": {"message": message, "type": "BadRequestError", "param": None, "code": 400}})
+
+
+UNAUTHORIZED = response(401, {"error": "Unauthorized"})
+NOT_FOUND = response(404, {"detail": "Not Found"})
+NOT_ALLOWED = response(405, {"detail": "Method Not Allowed"})
+CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+STREAM_HEAD = b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ncache-control: no-cache\r\n"
+STREAM_HEAD_CHUNKED = STREAM_HEAD + b"transfer-encoding: chunked\r\n\r\n"
+STREAM_HEAD_CLOSE = STREAM_HEAD + b"connection: close\r\n\r\n"  # the body ends when the connection does
+DONE = b"data: [DONE]\n\n"
+DONE_CHUNKED = frame(DONE) + b"0\r\n\r\n"
+
+
+class BadBody(ValueError):
+    """A request body that vLLM would refuse with a 400."""
+
+
+class Stub:
+    """What the engine serves: its settings from the command line and environment, and its replies,
+    precomputed once (fixed ones) or on first use (those that depend on the request's model)."""
+
+    def __init__(self, args: argparse.Namespace, env) -> None:
+        self.port = args.port
+        self.served = (args.served_model_name or [args.model])[0]
+        self.pooling = args.runner == "pooling"
+        key = args.api_key or env.get("VLLM_API_KEY")
+        self.auth = f"Bearer {key}" if key else None
+        self.busy = bool(env.get("STUB_BUSY"))
+        self.hang = bool(env.get("STUB_HANG")) or self.busy
+        self.parts = int(env.get("STUB_STREAM_PARTS") or 3)
+        self.gap = float(env.get("STUB_STREAM_GAP_MS") or 50) / 1000
+        self.created = int(time.time())
+        self.generating = () if self.pooling else (CHAT, COMPLETIONS)
+        routes = [EMBEDDINGS] if self.pooling else [CHAT, COMPLETIONS]
+        self.health = response(200, b"")
+        self.openapi = response(200, {"paths": {**{r: {} for r in routes}, "/v1/models": {}, "/health": {}}})
+        self.models = response(200, {"object": "list", "data": [
+            {"id": self.served, "object": "model", "created": self.created, "owned_by": "vllm",
+             "root": args.model, "parent": None}]})
+        self.cache: dict[tuple, object] = {}
+
+    def _cached(self, key: tuple, build):
+        value = self.cache.get(key)
+        if value is None:
+            if len(self.cache) >= CACHE_SIZE:
+                self.cache.clear()
+            value = self.cache[key] = build()
+        return value
+
+    def metrics(self) -> bytes:
+        """vLLM's progress counter, moving all the time (``STUB_BUSY``)."""
+        text = ("# TYPE vllm:generation_tokens_total counter\n"
+                f'vllm:generation_tokens_total{{model_name="{self.served}"}} {time.time() * 100:.1f}\n')
+        return response(200, text.encode(), b"text/plain; version=0.0.4; charset=utf-8")
+
+    def reply(self, path: str, model: str) -> bytes:
+        return self._cached((path, model), lambda: response(200, self._reply_body(path, model)))
+
+    def _reply_body(self, path: str, model: str) -> dict:
+        usage = {"prompt_tokens": 4, "completion_tokens": 1, "total_tokens": 5}
+        common = {"created": self.created, "model": model, "served_by": self.port, "usage": usage}
+        if path == CHAT:
+            return {"id": "chatcmpl-stub", "object": "chat.completion", **common,
+                    "choices": [{"index": 0, "finish_reason": "stop",
+                                 "message": {"role": "assistant", "content": "stub"}}]}
+        return {"id": "cmpl-stub", "object": "text_completion", **common,
+                "choices": [{"index": 0, "finish_reason": "stop", "text": "stub", "logprobs": None}]}
+
+    def events(self, path: str, model: str) -> tuple[list[bytes], list[bytes]]:
+        """A stream's events: as they are (for a connection that closes after it) and framed as chunks."""
+        return self._cached(("stream", path, model), lambda: self._events(path, model))
+
+    def _events(self, path: str, model: str) -> tuple[list[bytes], list[bytes]]:
+        raw = []
+        for i in range(self.parts):
+            finish = "stop" if i == self.parts - 1 else None
+            if path == CHAT:
+                delta = {"role": "assistant", "content": f"part{i}"} if i == 0 else {"content": f"part{i}"}
+                event = {"id": "chatcmpl-stub", "object": "chat.completion.chunk",
+                         "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
+            else:
+                event = {"id": "cmpl-stub", "object": "text_completion",
+                         "choices": [{"index": 0, "text": f"part{i}", "finish_reason": finish, "logprobs": None}]}
+            event.update(created=self.created, model=model, served_by=self.port)
+            raw.append(b"data: " + json.dumps(event).encode() + b"\n\n")
+        return raw, [frame(e) for e in raw]
+
+    def embeddings(self, model: str, n: int) -> bytes:
+        return self._cached((EMBEDDINGS, model, n), lambda: response(200, {
+            "id": "embd-stub", "object": "list", "created": self.created, "model": model, "served_by": self.port,
+            "usage": {"prompt_tokens": n, "completion_tokens": 0, "total_tokens": n},
+            "data": [{"object": "embedding", "index": i, "embedding": [0.5, 0.5]} for i in range(n)]}))
+
+
+def parse_head(head: bytes) -> tuple[str, str, bool, dict, int]:
+    """``(method, path, keep_alive, headers, body length or -1 when chunked)``; ValueError when malformed."""
+    lines = head.decode("latin-1").split("\r\n")
+    method, target, version = lines[0].split(" ")
+    if not version.startswith("HTTP/1."):
+        raise ValueError(f"unsupported protocol {version!r}")
+    headers = {}
+    for line in lines[1:]:
+        name, sep, value = line.partition(":")
+        if not sep or not name or name != name.strip():
+            raise ValueError(f"bad header line {line!r}")
+        headers[name.lower()] = value.strip()
+    connection = headers.get("connection", "").lower()
+    keep = "keep-alive" in connection if version == "HTTP/1.0" else "close" not in connection
+    if "transfer-encoding" in headers:
+        if headers["transfer-encoding"].lower() != "chunked":
+            raise ValueError(f"unsupported transfer-encoding {headers['transfer-encoding']!r}")
+        length = -1
+    else:
+        length_text = headers.get("content-length", "0")
+        if not (length_text.isascii() and length_text.isdigit()):
+            raise ValueError(f"bad content-length {length_text!r}")
+        length = int(length_text)
+    return method, target.split("?", 1)[0], keep, headers, length
+
+
+def dechunk(buf: bytes) -> tuple[bytes, int] | None:
+    """A chunked body from the start of ``buf``: ``(body, bytes used)``, None while incomplete."""
+    parts, pos = [], 0
+    while True:
+        eol = buf.find(b"\r\n", pos)
+        if eol < 0:
+            return None
+        size = int(buf[pos:eol].split(b";", 1)[0].strip(), 16)  # ValueError when malformed
+        if size < 0:
+            raise ValueError("negative chunk size")
+        if size == 0:
+            end = buf.find(b"\r\n\r\n", eol)  # after the trailers, if any
+            return None if end < 0 else (b"".join(parts), end + 4)
+        start = eol + 2
+        if len(buf) < start + size + 2:
+            return None
+        if buf[start + size:start + size + 2] != b"\r\n":
+            raise ValueError("chunk not ended by CRLF")
+        parts.append(buf[start:start + size])
+        pos = start + size + 2
+
+
+class Http(asyncio.Protocol):
+    """One client connection: HTTP/1.1 keep-alive, requests answered in order."""
+
+    def __init__(self, stub: Stub) -> None:
+        self.stub = stub
+
+    def connection_made(self, transport) -> None:
+        self.transport, self.buf, self.head = transport, b"", None
+        self.busy = False  # a reply is under way (a stream) or never coming: later requests wait
+        self.task: asyncio.Task | None = None  # the stream being sent
+        self.eof = False
+
+    def data_received(self, data: bytes) -> None:
+        self.buf = self.buf + data if self.buf else data
+        if not self.busy:
+            self.process()
+
+    def eof_received(self) -> bool | None:
+        self.eof = True
+        return self.task is not None or None  # a stream runs on to its end; otherwise close
+
+    def connection_lost(self, exc) -> None:
+        self.busy = True
+        if self.task is not None:
+            self.task.cancel()
+
+    def process(self) -> None:
+        while not self.busy and self.buf:
+            if self.head is None:
+                self.buf = self.buf.lstrip(b"\r\n")  # blank lines between requests are allowed
+                end = self.buf.find(b"\r\n\r\n")
+                if end < 0:
+                    if len(self.buf) > MAX_HEAD:
+                        self.fail("the request head is too large")
+                    return
+                try:
+                    self.head = parse_head(self.buf[:end])
+                except ValueError as e:
+                    return self.fail(f"malformed request: {e}")
+                self.buf = self.buf[end + 4:]
+                if self.head[4] and not self.buf and self.head[3].get("expect", "").lower() == "100-continue":
+                    self.transport.write(CONTINUE)  # the client waits for this before sending its body
+            method, path, keep, headers, length = self.head
+            if length >= 0:
+                if len(self.buf) < length:
+                    return
+                body, self.buf = self.buf[:length], self.buf[length:]
+            else:
+                try:
+                    got = dechunk(self.buf)
+                except ValueError as e:
+                    return self.fail(f"malformed chunked body: {e}")
+                if got is None:
+                    return
+                body, used = got
+                self.buf = self.buf[used:]
+            self.head = None
+            self.handle(method, path, headers, body, keep)
+
+    def fail(self, message: str) -> None:
+        """A request that cannot be parsed: 400, then close (what follows it cannot be framed)."""
+        self.busy, self.buf = True, b""
+        self.transport.write(closing(bad_request(message)))
+        self.transport.close()
+
+    def send(self, reply: bytes, keep: bool) -> None:
+        if keep:
+            self.transport.write(reply)
+        else:
+            self.busy = True
+            self.transport.write(closing(reply))
+            self.transport.close()
+
+    def handle(self, method: str, path: str, headers: dict, body: bytes, keep: bool) -> None:
+        stub = self.stub
+        if path == "/health":
+            return self.send(stub.health, keep)
+        if path == "/openapi.json":
+            return self.send(stub.openapi, keep)
+        if path == "/metrics":
+            return self.send(stub.metrics() if stub.busy else NOT_FOUND, keep)
+        if stub.auth and path.startswith("/v1") and headers.get("authorization") != stub.auth:
+            return self.send(UNAUTHORIZED, keep)
+        if path == "/v1/models":
+            return self.send(stub.models if method == "GET" else NOT_ALLOWED, keep)
+        if method != "POST":
+            return self.send(NOT_ALLOWED if path in (CHAT, COMPLETIONS, EMBEDDINGS) else NOT_FOUND, keep)
+        try:
+            req = json.loads(body) if body.strip() else {}
+            if not isinstance(req, dict):
+                raise BadBody("the body must be a JSON object")
+        except (ValueError, RecursionError) as e:  # like vLLM: a bad body is a 400, never a dropped connection
+            why = str(e) if isinstance(e, BadBody) else f"{type(e).__name__}: {e}"
+            return self.send(bad_request(f"bad request: {why}"), keep)
+        if stub.hang:  # STUB_HANG / STUB_BUSY: read, never answered
+            self.busy = True
+            return
+        fault = req.pop("stub_fault", None)  # {"port": P, "do": "die"|"drop"}: injected by a test
+        if isinstance(fault, dict) and fault.get("port") == stub.port:
+            if fault.get("do") == "die":  # the engine dies with the request read, nothing answered
+                os.kill(os.getpid(), signal.SIGKILL)
+            self.busy, self.buf = True, b""  # "drop": alive, but this request is cut off unanswered
+            return self.transport.close()
+        model = req.get("model") or stub.served
+        if not isinstance(model, str):
+            return self.send(bad_request("bad request: 'model' must be a string"), keep)
+        if path in stub.generating:
+            if req.get("stream"):
+                return self.stream(stub.events(path, model), keep)
+            return self.send(stub.reply(path, model), keep)
+        if path == EMBEDDINGS and stub.pooling:
+            inputs = req.get("input")
+            if isinstance(inputs, str):
+                return self.send(stub.embeddings(model, 1), keep)
+            if isinstance(inputs, list):
+                return self.send(stub.embeddings(model, len(inputs)), keep)
+            return self.send(bad_request("bad request: 'input' must be a string or a list"), keep)
+        return self.send(NOT_FOUND, keep)
+
+    def stream(self, events: tuple[list[bytes], list[bytes]], keep: bool) -> None:
+        self.busy = True
+        self.task = asyncio.get_running_loop().create_task(self._stream(events, keep))
+
+    async def _stream(self, events: tuple[list[bytes], list[bytes]], keep: bool) -> None:
+        """Chunks ``gap`` apart, then ``[DONE]``: chunked on a kept-alive connection, else up to its close."""
+        transport, gap = self.transport, self.stub.gap
+        parts = events[1] if keep else events[0]
+        transport.write((STREAM_HEAD_CHUNKED if keep else STREAM_HEAD_CLOSE) + (parts[0] if parts else b""))
+        for part in parts[1:]:
+            await asyncio.sleep(gap)
+            if transport.is_closing():
+                return
+            transport.write(part)
+        if parts:
+            await asyncio.sleep(gap)
+            if transport.is_closing():
+                return
+        self.task = None
+        if not keep or self.eof:
+            transport.write(DONE_CHUNKED if keep else DONE)
+            return transport.close()
+        transport.write(DONE_CHUNKED)
+        self.busy = False
+        if self.buf:
+            self.process()
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description="A fast stand-in for vLLM's OpenAI server.")
+    parser.add_argument("--model", default="stub")
+    parser.add_argument("--host", default="0.0.0.0")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--served-model-name", nargs="+")
+    parser.add_argument("--runner")
+    parser.add_argument("--api-key")
+    return parser.parse_known_args(argv)[0]  # vLLM's other options are taken and ignored
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """The listening socket, bound like vLLM binds it (``OSError: [Errno 98] Address already in use``
+    when the port is taken)."""
+    family, kind, proto, _, address = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM,
+                                                         flags=socket.AI_PASSIVE)[0]
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+        sock.setblocking(False)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+async def serve(stub: Stub, sock: socket.socket) -> None:
+    server = await asyncio.get_running_loop().create_server(lambda: Http(stub), sock=sock, backlog=1024)
+    await server.serve_forever()
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    time.sleep(float(os.environ.get("STUB_STARTUP_DELAY") or 0))
+    stub = Stub(args, os.environ)
+    sock = bind(args.host, args.port)
+    print(f"stub engine {stub.served} on {args.host}:{args.port}", flush=True)
+    try:
+        import uvloop  # vLLM's own server runs on uvloop too
+    except ImportError:
+        run = asyncio.run
+    else:
+        run = getattr(uvloop, "run", asyncio.run)
+    run(serve(stub, sock))
+
+
+if __name__ == "__main__":
+    main()
