@@ -1,14 +1,26 @@
 """sage_nb's control plane: pure Python (no Jupyter, IPython or tornado imports).
 
 ``ControlPlane`` starts, lists, stops, prunes and rediscovers vLLM engines over
-one SQLite registry shared by every process of the user.
+one SQLite registry shared by every process of the user; its ``Supervisor`` owns
+the engine processes and their lifecycle.
 """
 
 from .core import ControlPlane
-from .errors import BadRequest, Conflict, ControlPlaneError, EngineFailed, IllegalTransition, NotFound
-from .launch import LaunchRequest
+from .errors import (
+    BadRequest,
+    Conflict,
+    ControlPlaneError,
+    EngineFailed,
+    IllegalTransition,
+    NoBackend,
+    NotFound,
+    StateError,
+)
+from .requests import LaunchRequest
 from .settings import Settings
-from .state import EngineState
+from .state import EngineState, is_routable
+from .supervisor import Supervisor
 
-__all__ = ["BadRequest", "Conflict", "ControlPlane", "ControlPlaneError", "EngineFailed",
-           "EngineState", "IllegalTransition", "LaunchRequest", "NotFound", "Settings"]
+__all__ = ["BadRequest", "Conflict", "ControlPlane", "ControlPlaneError", "EngineFailed", "EngineState",
+           "IllegalTransition", "LaunchRequest", "NoBackend", "NotFound", "Settings", "StateError",
+           "Supervisor", "is_routable"]

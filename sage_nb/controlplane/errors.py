@@ -44,3 +44,15 @@ class EngineFailed(ControlPlaneError):
     """An engine failed to become ready; the message carries its log tail."""
 
     status = 500
+
+
+class NoBackend(ControlPlaneError):
+    """No routable engine of the wanted kind (503)."""
+
+    status = 503
+
+
+class StateError(ControlPlaneError):
+    """The state dir or registry cannot be used (unwritable, full, unreadable)."""
+
+    status = 503

@@ -6,7 +6,7 @@ import socket
 
 import psutil
 
-from .errors import BadRequest, Conflict
+from .errors import Conflict
 from .registry import Txn
 
 
@@ -34,16 +34,6 @@ def listener(port: int) -> str:
     except (psutil.Error, OSError):
         pass
     return "another process"
-
-
-def validate_port(port) -> int | None:
-    if port is None:
-        return None
-    if isinstance(port, bool) or not isinstance(port, int):
-        raise BadRequest(f"port must be an integer, got {port!r}")
-    if not 1 <= port <= 65535:
-        raise BadRequest(f"port {port} is out of range (1-65535)")
-    return port
 
 
 def lease(txn: Txn, engine_id: str, port_range: tuple[int, int], requested: int | None = None,

@@ -19,7 +19,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
-from .errors import ControlPlaneError, NotFound
+from .errors import NotFound, StateError
 from .state import EngineState, check_transition
 
 SCHEMA = """
@@ -43,12 +43,6 @@ CREATE TABLE IF NOT EXISTS gpu_bookings (
 """
 
 log = logging.getLogger(__name__)
-
-
-class StateError(ControlPlaneError):
-    """The state dir or registry cannot be used (unwritable, full, unreadable)."""
-
-    status = 503
 
 
 def _corrupt(error: sqlite3.DatabaseError) -> bool:
@@ -100,9 +94,8 @@ class Engine:
         return f"http://{self.host}:{self.port}/v1"
 
     def to_model(self) -> dict:
-        model = {name: getattr(self, name) for name in PUBLIC_FIELDS}  # shallow: cheaper than asdict
-        model["base_url"] = self.base_url if self.port else None
-        return model
+        """The public JSON model (see :func:`public_model`)."""
+        return public_model({name: getattr(self, name) for name in FIELD_NAMES})  # shallow: cheaper than asdict
 
     @classmethod
     def from_json(cls, text: str) -> Engine:
@@ -112,11 +105,20 @@ class Engine:
         return cls(**{k: v for k, v in data.items() if k in ALL_FIELDS})
 
     def to_json(self) -> str:
-        return json.dumps({name: getattr(self, name) for name in ALL_FIELDS})
+        return json.dumps({name: getattr(self, name) for name in FIELD_NAMES})
 
 
-ALL_FIELDS = frozenset(f.name for f in fields(Engine))
-PUBLIC_FIELDS = tuple(f.name for f in fields(Engine) if f.name not in PRIVATE_FIELDS)
+FIELD_NAMES = tuple(f.name for f in fields(Engine))
+ALL_FIELDS = frozenset(FIELD_NAMES)
+
+
+def public_model(record: dict) -> dict:
+    """An engine's public JSON model from its stored fields (changed in place): no secrets, plus
+    ``base_url``. The one place the model shown outside the control plane is made."""
+    for name in PRIVATE_FIELDS:
+        record.pop(name, None)
+    record["base_url"] = f"http://{record['host']}:{record['port']}/v1" if record.get("port") else None
+    return record
 
 
 class Txn:
@@ -132,14 +134,8 @@ class Txn:
 
     def models(self) -> list[dict]:
         """Every engine's public JSON model, straight from the stored JSON (the fast listing path)."""
-        out = []
-        for (text,) in self.conn.execute("SELECT data FROM engines ORDER BY rowid"):
-            model = json.loads(text)
-            for name in PRIVATE_FIELDS:
-                model.pop(name, None)
-            model["base_url"] = f"http://{model['host']}:{model['port']}/v1" if model.get("port") else None
-            out.append(model)
-        return out
+        return [public_model(json.loads(text))
+                for (text,) in self.conn.execute("SELECT data FROM engines ORDER BY rowid")]
 
     def get(self, engine_id: str) -> Engine:
         row = self.conn.execute("SELECT data FROM engines WHERE id = ?", (engine_id,)).fetchone()

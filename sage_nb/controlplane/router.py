@@ -11,22 +11,61 @@ import itertools
 import threading
 from collections import defaultdict
 
-from .errors import BadRequest, ControlPlaneError, NotFound
+from .errors import BadRequest, NoBackend, NotFound
 from .registry import Engine, Registry
-from .state import EngineState
+from .state import is_routable
 
 KIND_LABEL = {"llm": "LLM", "embedding": "embedding"}
 START_HINT = {"llm": "%llm start <model>", "embedding": "%llm start <model> --embedding"}
 
 
-class NoBackend(ControlPlaneError):
-    """No ready engine of the wanted kind (503)."""
-
-    status = 503
-
-
 def no_backend_message(kind: str) -> str:
     return f"No {KIND_LABEL[kind]} backend available. Start one with: {START_HINT[kind]}"
+
+
+def _field(engine, name: str):
+    return engine[name] if isinstance(engine, dict) else getattr(engine, name)
+
+
+class BackendIndex:
+    """Routable engines by kind and by every name a request may use for them (served name, model
+    path, engine name, id). :meth:`candidates` is the one rule for "which engines serve a request
+    of this kind for this model", used by the gateway's router and the kernel's client alike.
+    Takes engine records or their JSON models."""
+
+    def __init__(self, engines) -> None:
+        self.engines = [e for e in engines if is_routable(e)]
+        self.by_key: dict[str, list] = defaultdict(list)
+        self.by_kind: dict[str, list] = defaultdict(list)
+        for e in self.engines:
+            self.by_kind[_field(e, "kind")].append(e)
+            for key in {_field(e, "served_model_name"), _field(e, "model"), _field(e, "name"), _field(e, "id")}:
+                self.by_key[key].append(e)
+        self.ids = {_field(e, "id") for e in self.engines}
+
+    def candidates(self, kind: str, model: str | None = None) -> list:
+        """The engines of ``kind`` serving ``model`` (any of ``kind`` when it is empty). Raises
+        :class:`NoBackend` (503) when no engine of ``kind`` is routable, :class:`NotFound` (404,
+        naming the models of ``kind`` there are) when none serves ``model``, and
+        :class:`BadRequest` (400) when ``model`` is served by engines of the other kind only."""
+        of_kind = self.by_kind.get(kind, [])
+        if not model:
+            if not of_kind:
+                raise NoBackend(no_backend_message(kind))
+            return of_kind
+        named = self.by_key.get(model, [])
+        right = [e for e in named if _field(e, "kind") == kind]
+        if right:
+            return right
+        if named:
+            other = _field(named[0], "kind")
+            raise BadRequest(f"model {model!r} is an {KIND_LABEL[other]} model (kind {other!r}); "
+                             f"this route needs an {KIND_LABEL[kind]} model")
+        if not of_kind:
+            raise NoBackend(no_backend_message(kind))
+        served = sorted({_field(e, "served_model_name") for e in of_kind})
+        raise NotFound(f"model {model!r} is not served by any ready {KIND_LABEL[kind]} engine; "
+                       f"{KIND_LABEL[kind]} models available: {served}")
 
 
 class Router:
@@ -36,35 +75,26 @@ class Router:
         self.registry = registry
         self.inflight: dict[str, int] = defaultdict(int)
         self._version: tuple | None = None
-        self._ready: list[Engine] = []
-        self._by_key: dict[str, list[Engine]] = {}
-        self._by_kind: dict[str, list[Engine]] = {}
-        self._ids: set[str] = set()
+        self._index = BackendIndex([])
         self._lock = threading.Lock()
         self._tiebreak = itertools.count()
 
-    def ready_engines(self) -> list[Engine]:
-        """Ready, healthy engines (cached until the registry changes)."""
+    def index(self) -> BackendIndex:
+        """The routable engines (cached until the registry changes)."""
         version = self.registry.version()
         if version != self._version:
             with self._lock:
-                engines = self.registry.engines()
-                ready = [e for e in engines if e.state == EngineState.READY and e.health_failures == 0 and e.port]
-                by_key: dict[str, list[Engine]] = defaultdict(list)
-                by_kind: dict[str, list[Engine]] = defaultdict(list)
-                for e in ready:
-                    by_kind[e.kind].append(e)
-                    for key in {e.served_model_name, e.model, e.name, e.id}:
-                        by_key[key].append(e)
-                self._ready, self._by_key, self._by_kind = ready, by_key, by_kind
-                self._ids = {e.id for e in ready}
+                self._index = BackendIndex(self.registry.engines())
                 self._version = version
-        return self._ready
+        return self._index
+
+    def ready_engines(self) -> list[Engine]:
+        """Routable engines (ready and healthy)."""
+        return self.index().engines
 
     def is_ready(self, engine_id: str) -> bool:
-        """Whether the engine is still ready and healthy."""
-        self.ready_engines()
-        return engine_id in self._ids
+        """Whether the engine is still routable."""
+        return engine_id in self.index().ids
 
     def models(self) -> list[dict]:
         """One entry per served name of a ready engine, with its kind and replicas."""
@@ -79,19 +109,7 @@ class Router:
     def pick(self, kind: str, model: str | None = None, exclude: frozenset[str] = frozenset()) -> Engine:
         """The least-loaded engine of ``kind`` serving ``model`` (served name, model path or
         engine name); any engine of ``kind`` when ``model`` is empty."""
-        engines = self.ready_engines()
-        if model:
-            named = self._by_key.get(model, [])
-            if not named:
-                raise NotFound(f"model {model!r} is not served by any ready engine; "
-                               f"available: {sorted({e.served_model_name for e in engines}) or 'none'}")
-            candidates = [e for e in named if e.kind == kind]
-            if not candidates:
-                other = named[0].kind
-                raise BadRequest(f"model {model!r} is an {KIND_LABEL[other]} model "
-                                 f"(kind {other!r}); this route needs an {KIND_LABEL[kind]} model")
-        else:
-            candidates = self._by_kind.get(kind, [])
+        candidates = self.index().candidates(kind, model)
         if exclude:
             candidates = [e for e in candidates if e.id not in exclude]
         if not candidates:

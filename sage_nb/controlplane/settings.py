@@ -1,20 +1,24 @@
-"""Settings of a control plane, from keyword arguments and ``SAGE_NB_*`` environment variables."""
+"""Settings of a control plane. Each setting is declared once, here: its default, its help and its
+``SAGE_NB_*`` environment variable. Keyword arguments win over the environment, which wins over the
+default; the server's ``c.SageNBApp`` traits are derived from these declarations."""
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import sys
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from .errors import BadRequest
 
+ENV_PREFIX = "SAGE_NB_"
+
 
 def default_state_dir() -> Path:
-    """``$SAGE_NB_STATE_DIR``, else ``sage_nb/`` in the user's Jupyter data dir."""
-    if os.environ.get("SAGE_NB_STATE_DIR"):
-        return Path(os.environ["SAGE_NB_STATE_DIR"]).expanduser()
+    """``sage_nb/`` in the user's Jupyter data dir (``$JUPYTER_DATA_DIR`` is honoured)."""
     if os.environ.get("JUPYTER_DATA_DIR"):
         return Path(os.environ["JUPYTER_DATA_DIR"]).expanduser() / "sage_nb"
     if sys.platform == "darwin":
@@ -63,47 +67,93 @@ def parse_fake_gpus(value: str | list | None) -> list[dict] | None:
     return devices
 
 
-def _env_float(name: str, default: float) -> float:
-    value = os.environ.get(name)
-    return float(value) if value else default
+def _bool(text: str) -> bool:
+    value = text.strip().lower()
+    if value not in ("1", "0", "true", "false", "yes", "no", "on", "off"):
+        raise ValueError(f"not a boolean: {text!r}")
+    return value in ("1", "true", "yes", "on")
+
+
+def _port_range(text: str) -> tuple[int, int]:
+    lo, _, hi = text.replace(",", "-").partition("-")
+    return int(lo), int(hi)
+
+
+# how a value of each declared type is read from its environment variable
+PARSE_ENV: dict[type, Callable[[str], object]] = {
+    float: float, int: int, bool: _bool, str: str, Path: Path, dict: json.loads,
+    tuple: _port_range, list: parse_fake_gpus}
+
+
+UNSET = type("Unset", (), {"__repr__": lambda self: "UNSET"})()  # a setting nobody passed
+
+
+def setting(default, help: str, type_: type | None = None):
+    """Declare a setting: ``default`` (a value, or a callable giving one), its help, and the type
+    its ``SAGE_NB_<NAME>`` environment variable is read as (default: the default's type)."""
+    kind = type_ or type(default)
+
+    def initial(name: str):
+        raw = os.environ.get(ENV_PREFIX + name.upper())
+        if raw:
+            try:
+                return PARSE_ENV[kind](raw)
+            except (ValueError, TypeError) as e:
+                raise BadRequest(f"{ENV_PREFIX + name.upper()}={raw!r}: {e}") from None
+        return default() if callable(default) else copy.copy(default)
+
+    return field(default=UNSET, metadata={"help": help, "type": kind, "initial": initial,
+                                          "default": default})
 
 
 @dataclass
 class Settings:
-    """Everything a :class:`ControlPlane` can be configured with."""
+    """Everything a :class:`ControlPlane` can be configured with (see each field's help)."""
 
-    state_dir: Path = field(default_factory=default_state_dir)
-    engine_python: str = field(
-        default_factory=lambda: os.environ.get("SAGE_NB_ENGINE_PYTHON") or sys.executable)
-    fake_gpus: list[dict] | None = field(
-        default_factory=lambda: parse_fake_gpus(os.environ.get("SAGE_NB_FAKE_GPUS")))
-    port_range: tuple[int, int] = (18000, 18999)
-    startup_timeout: float = field(
-        default_factory=lambda: _env_float("SAGE_NB_STARTUP_TIMEOUT", 600.0))
-    health_interval: float = 1.0
-    health_failures: int = 3
-    probe_timeout: float = 2.0
-    work_probe_interval: float = 10.0  # a 1-token request to each ready engine this often; 0: never
-    work_probe_timeout: float = 30.0  # no answer and no progress meanwhile: one failed probe
-    stop_grace: float = 15.0
-    cpu_kvcache_gib: int = 1
-    engine_env: dict[str, str] = field(default_factory=dict)
-    use_nvml: bool = True
-    adopt_unrecorded: bool = True  # adopt vLLM servers of this user that sage_nb did not start
+    state_dir: Path = setting(default_state_dir, "Where the shared registry and engine logs live "
+                              "(default: <jupyter data dir>/sage_nb).", Path)
+    engine_python: str = setting(lambda: sys.executable, "The Python that runs vLLM "
+                                 "(default: this one).", str)
+    fake_gpus: list[dict] | None = setting(None, "A fake GPU inventory: a JSON list (or a path to "
+                                           "one) of {name, total_mib, used_mib, uuid}; empty: NVML.", list)
+    port_range: tuple[int, int] = setting((18000, 18999), "The ports leased to engines (lo, hi).")
+    startup_timeout: float = setting(600.0, "Seconds an engine may take to become ready.")
+    health_interval: float = setting(1.0, "Seconds between health probes of each engine.")
+    health_failures: int = setting(3, "Failed probes in a row after which an engine is failed.")
+    probe_timeout: float = setting(2.0, "Seconds a health or readiness probe may take.")
+    work_probe_interval: float = setting(10.0, "Seconds between work probes (a 1-token request) of "
+                                         "each ready engine, which catch an engine that answers "
+                                         "/health but completes nothing; 0 turns them off.")
+    work_probe_timeout: float = setting(30.0, "Seconds a work probe may take before it counts as a "
+                                        "failed probe (unless the engine made progress meanwhile).")
+    stop_grace: float = setting(15.0, "Seconds a stopping engine gets after TERM before KILL.")
+    cpu_kvcache_gib: int = setting(1, "KV cache of CPU engines in GiB (VLLM_CPU_KVCACHE_SPACE).")
+    engine_env: dict[str, str] = setting(dict, "Extra environment variables for engine processes.", dict)
+    use_nvml: bool = setting(True, "Read GPUs through NVML (off: no GPUs unless fake_gpus is set).")
+    adopt_unrecorded: bool = setting(True, "Adopt vLLM servers of this user that sage_nb did not "
+                                     "start (found by their command line at discovery).")
 
     def __post_init__(self) -> None:
+        for f in fields(self):
+            if getattr(self, f.name) is UNSET:
+                setattr(self, f.name, f.metadata["initial"](f.name))
         self.state_dir = Path(self.state_dir).expanduser()
         if isinstance(self.fake_gpus, str):
             self.fake_gpus = parse_fake_gpus(self.fake_gpus)
         elif self.fake_gpus is not None:
             self.fake_gpus = parse_fake_gpus(json.dumps(self.fake_gpus))
+        self._check()
+
+    def _check(self) -> None:
         lo, hi = self.port_range
         if not (1024 <= lo <= hi <= 65535):
             raise BadRequest(f"port_range {self.port_range} must lie within 1024..65535")
-        if self.startup_timeout <= 0 or self.health_interval <= 0 or self.health_failures < 1:
-            raise BadRequest("startup_timeout, health_interval and health_failures must be positive")
-        if self.work_probe_interval < 0 or self.work_probe_timeout <= 0:
-            raise BadRequest("work_probe_interval must be >= 0 (0: off) and work_probe_timeout positive")
+        for name in ("startup_timeout", "health_interval", "probe_timeout", "work_probe_timeout",
+                     "health_failures", "cpu_kvcache_gib"):
+            if getattr(self, name) <= 0:
+                raise BadRequest(f"{name} must be positive, got {getattr(self, name)!r}")
+        if self.work_probe_interval < 0 or self.stop_grace < 0:
+            raise BadRequest("work_probe_interval (0: off) and stop_grace must be >= 0")
 
     @property
     def db_path(self) -> Path:
@@ -112,3 +162,10 @@ class Settings:
     @property
     def log_dir(self) -> Path:
         return self.state_dir / "logs"
+
+    def to_model(self) -> dict:
+        """The effective settings as JSON (engine_env values are not shown: they may hold secrets)."""
+        model = {f.name: getattr(self, f.name) for f in fields(self)}
+        model.update(state_dir=str(self.state_dir), db_path=str(self.db_path), log_dir=str(self.log_dir),
+                     port_range=list(self.port_range), engine_env=sorted(self.engine_env))
+        return model

@@ -3,64 +3,61 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
+from pathlib import Path
 
 from jupyter_server.extension.application import ExtensionApp
-from traitlets import Bool, Dict, Float, Int, Tuple, Unicode, default
+from traitlets import Bool, Dict, Float, HasTraits, Int, TraitType, Tuple, Unicode
 
 from sage_nb.controlplane import ControlPlane, ControlPlaneError, Settings
 from sage_nb.controlplane.router import Router
-from sage_nb.controlplane.settings import default_state_dir
+from sage_nb.controlplane.settings import ENV_PREFIX
 
 from .gateway import GATEWAY_HANDLERS, Watchdog, make_http_clients
 from .handlers import REST_HANDLERS, NoRouteHandler
 
+TRAIT_TYPES: dict[type, type[TraitType]] = {float: Float, int: Int, bool: Bool, str: Unicode, Path: Unicode,
+                                            dict: Dict, list: Unicode}
 
-class SageNBApp(ExtensionApp):
-    """sage_nb's server extension (configure as ``c.SageNBApp.<trait>``)."""
+
+def setting_trait(f: dataclasses.Field) -> TraitType:
+    """The ``c.SageNBApp`` trait of one control-plane setting. Its value is ``None`` until configured,
+    so an unset trait leaves the setting to its environment variable and default."""
+    meta = f.metadata
+    default = meta["default"]
+    shown = "computed" if callable(default) else repr(default)
+    help_text = f"{meta['help']} Default: {shown}; environment: {ENV_PREFIX}{f.name.upper()}."
+    if meta["type"] is tuple:
+        trait = Tuple(Int(), Int(), default_value=None, allow_none=True, help=help_text)
+    else:
+        trait = TRAIT_TYPES[meta["type"]](default_value=None, allow_none=True, help=help_text)
+    return trait.tag(config=True)
+
+
+# Every control-plane setting as a trait, derived from its one declaration in ``Settings``.
+SettingTraits = type("SettingTraits", (HasTraits,),
+                     {f.name: setting_trait(f) for f in dataclasses.fields(Settings)})
+
+
+class SageNBApp(ExtensionApp, SettingTraits):
+    """sage_nb's server extension (configure as ``c.SageNBApp.<trait>``; every control-plane setting
+    is one, see :class:`sage_nb.controlplane.Settings`)."""
 
     name = "sage_nb"
     load_other_extensions = True
 
-    state_dir = Unicode(help="Where the shared registry and engine logs live "
-                             "(default: $SAGE_NB_STATE_DIR or <jupyter data dir>/sage_nb).").tag(config=True)
-    engine_python = Unicode("", help="Python that runs vLLM (default: this one).").tag(config=True)
-    fake_gpus = Unicode("", help="A fake GPU inventory: JSON list (or path to one) of "
-                                 "{name, total_mib, used_mib, uuid}; empty means NVML.").tag(config=True)
-    engine_env = Dict(help="Extra environment variables for engine processes.").tag(config=True)
-    port_range = Tuple(Int(), Int(), default_value=(18000, 18999), help="Ports leased to engines.").tag(
-        config=True)
-    health_interval = Float(1.0, help="Seconds between health probes of each engine.").tag(config=True)
-    health_failures = Int(3, help="Failed probes in a row after which an engine is failed.").tag(config=True)
-    work_probe_interval = Float(10.0, help="Seconds between work probes (a 1-token request) of each ready "
-                                           "engine, which catch an engine that answers /health but "
-                                           "completes nothing; 0 turns them off.").tag(config=True)
-    work_probe_timeout = Float(30.0, help="Seconds a work probe may take before it counts as a failed "
-                                          "probe (unless the engine made progress meanwhile).").tag(config=True)
-    startup_timeout = Float(600.0, help="Seconds an engine may take to become ready.").tag(config=True)
     request_timeout = Float(600.0, help="Seconds the gateway waits for an engine's answer.").tag(config=True)
-    adopt_unrecorded = Bool(True, help="Adopt vLLM servers of this user that sage_nb did not start "
-                                       "(found by their command line at discovery).").tag(config=True)
     stop_engines_on_shutdown = Bool(
         False, help="Stop every engine when the server stops (default: they keep running and "
                     "are re-attached at the next start).").tag(config=True)
 
-    @default("state_dir")
-    def _default_state_dir(self) -> str:
-        return str(default_state_dir())
-
     def control_plane_settings(self) -> Settings:
-        kwargs = {"state_dir": self.state_dir or str(default_state_dir()), "engine_env": dict(self.engine_env),
-                  "port_range": tuple(self.port_range), "health_interval": self.health_interval,
-                  "health_failures": self.health_failures, "startup_timeout": self.startup_timeout,
-                  "adopt_unrecorded": self.adopt_unrecorded, "work_probe_interval": self.work_probe_interval,
-                  "work_probe_timeout": self.work_probe_timeout}
-        if self.engine_python:
-            kwargs["engine_python"] = self.engine_python
-        if self.fake_gpus:
-            kwargs["fake_gpus"] = self.fake_gpus
-        return Settings(**kwargs)
+        """The control plane's settings: the configured traits; the rest from the environment and
+        the defaults."""
+        names = [f.name for f in dataclasses.fields(Settings)]
+        return Settings(**{name: getattr(self, name) for name in names if getattr(self, name) is not None})
 
     def initialize_settings(self) -> None:
         try:
@@ -107,10 +104,9 @@ class SageNBApp(ExtensionApp):
         if cp is None:
             return
         if self.stop_engines_on_shutdown:
-            loop = asyncio.get_running_loop()
-            for engine in cp.engines():
-                if engine["state"] in ("starting", "ready"):
-                    await loop.run_in_executor(None, cp.stop_engine, engine["id"])
+            report = await asyncio.get_running_loop().run_in_executor(None, cp.stop_all)
+            self.log.info("sage_nb: stopped %d engine(s) at shutdown%s", len(report["stopped"]),
+                          f"; could not stop: {report['failed']}" if report["failed"] else "")
         cp.close()
 
 

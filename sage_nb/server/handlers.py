@@ -11,7 +11,7 @@ from jupyter_server.base.handlers import APIHandler
 from jupyter_server.extension.handler import ExtensionHandlerMixin
 from tornado import web
 
-from sage_nb.controlplane import ControlPlane, ControlPlaneError, LaunchRequest
+from sage_nb.controlplane import ControlPlane, ControlPlaneError, LaunchRequest, validation
 
 AUTH_RESOURCE = "sage_nb"
 
@@ -105,7 +105,7 @@ class LogsHandler(SageHandler):
         try:
             lines = int(raw)
         except ValueError:
-            raise ApiError(400, f"lines must be a positive integer, got {raw!r}") from None
+            raise ApiError(400, f"lines must be an integer, got {raw!r}") from None
         text = await self.call(self.cp.logs, engine_id, lines)
         self.reply({"id": engine_id, "lines": lines, "log": text})
 
@@ -139,6 +139,17 @@ class GpusHandler(SageHandler):
         self.reply(await self.call(self.cp.gpu_report))
 
 
+class SettingsHandler(SageHandler):
+    """The control plane's effective settings (``%llm doctor`` checks the server's, not its own)."""
+
+    _track_activity = False
+
+    @web.authenticated
+    @authorized
+    def get(self) -> None:
+        self.reply(self.cp.settings.to_model())
+
+
 class NoRouteHandler(SageHandler):
     """Any other path under ``sage_nb/``: a JSON 404, like every other sage_nb error."""
 
@@ -150,7 +161,7 @@ class NoRouteHandler(SageHandler):
     post = put = patch = delete = get
 
 
-ENGINE_ID = r"(?P<engine_id>[A-Za-z0-9][A-Za-z0-9_.\-]{0,63})"
+ENGINE_ID = rf"(?P<engine_id>{validation.ENGINE_NAME})"
 REST_HANDLERS = [
     (r"/sage_nb/api/engines/?", EnginesHandler),
     (r"/sage_nb/api/engines/prune/?", PruneHandler),
@@ -158,4 +169,5 @@ REST_HANDLERS = [
     (rf"/sage_nb/api/engines/{ENGINE_ID}/?", EngineHandler),
     (r"/sage_nb/api/backends/?", BackendsHandler),
     (r"/sage_nb/api/gpus/?", GpusHandler),
+    (r"/sage_nb/api/settings/?", SettingsHandler),
 ]

@@ -53,6 +53,4 @@ def test_two_processes_race_for_ports_and_gpus(state_dir, model_dir):
         assert sorted(g["booked_mib"] for g in cp.gpus()) == sorted(per_gpu.values())
         assert {e["pid"] for e in cp.engines()}.__len__() == 4
     finally:
-        for e in cp.engines():
-            cp.stop_engine(e["id"])
-        cp.prune()
+        cp.stop_all()

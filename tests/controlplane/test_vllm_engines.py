@@ -64,7 +64,7 @@ def world(tmp_path_factory, tiny_llama, minilm):
 
 
 def _answers(port: int) -> bool:
-    from sage_nb.controlplane.probe import healthy
+    from sage_nb.controlplane.probes import healthy
 
     return healthy("127.0.0.1", port)
 
@@ -163,7 +163,5 @@ def test_busy_gpu_goes_to_the_empty_one(tmp_path, model_dir):
         env = proc.environ()
         assert env["CUDA_VISIBLE_DEVICES"] == "1" and env["CUDA_DEVICE_ORDER"] == "PCI_BUS_ID"
     finally:
-        for x in cp.engines():
-            cp.stop_engine(x["id"])
-        cp.prune()
+        cp.stop_all()
         cp.close()

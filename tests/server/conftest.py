@@ -31,7 +31,5 @@ def jp_server_config(state_dir, fake_gpus):
 def cleanup_engines(state_dir):
     yield
     cp = ControlPlane(state_dir=state_dir, monitor=False)
-    for e in cp.engines():
-        if e["state"] in ("starting", "ready", "stopping"):
-            cp.stop_engine(e["id"])
-    cp.prune()
+    cp.stop_all()
+    cp.close()

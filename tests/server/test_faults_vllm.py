@@ -12,7 +12,7 @@ import openai
 import psutil
 import pytest
 
-from sage_nb.controlplane import ControlPlane, probe
+from sage_nb.controlplane import ControlPlane, probes
 from sage_nb.controlplane.process import group_members
 
 from ..serverproc import TOKEN, Server, running_server, wait_ready
@@ -22,8 +22,8 @@ pytestmark = pytest.mark.vllm
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    probes = ("--SageNBApp.work_probe_interval=1", "--SageNBApp.work_probe_timeout=5")  # hangs in seconds
-    with running_server(tmp_path_factory.mktemp("faults"), (18650, 18699), extra_args=probes) as srv:
+    probe_args = ("--SageNBApp.work_probe_interval=1", "--SageNBApp.work_probe_timeout=5")  # hangs in seconds
+    with running_server(tmp_path_factory.mktemp("faults"), (18650, 18699), extra_args=probe_args) as srv:
         yield srv
 
 
@@ -123,7 +123,7 @@ def test_enginecore_hung_then_killed(server, tiny_llama):
     oa = openai.OpenAI(base_url=server.url + "sage_nb/v1", api_key=TOKEN, max_retries=0, timeout=120)
     os.kill(core.pid, signal.SIGSTOP)
     try:
-        assert probe.healthy(engine["host"], engine["port"])
+        assert probes.healthy(engine["host"], engine["port"])
         t0 = time.monotonic()
         with pytest.raises(openai.APIStatusError) as exc:
             oa.chat.completions.create(model="core", max_tokens=4, messages=[{"role": "user", "content": "hi"}])

@@ -56,6 +56,19 @@ async def test_no_backend_of_that_kind_is_503_with_the_fix(jp_fetch):
     assert code == 503 and message.startswith("No embedding backend available. Start one with: %llm start")
 
 
+async def test_unknown_model_names_only_models_of_the_routes_kind(jp_fetch, model_dir):
+    await start(jp_fetch, model_dir(1), name="acc-emb", kind="embedding")
+    # no LLM engine at all: the same 503 and fix as without a model, not a 404 naming the embedder
+    body = {"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]}
+    code, message = await error(jp_fetch, "v1", "chat", "completions", method="POST", body=body)
+    assert code == 503 and message == "No LLM backend available. Start one with: %llm start <model>"
+    await start(jp_fetch, model_dir(1), name="chat")
+    code, message = await error(jp_fetch, "v1", "chat", "completions", method="POST", body=body)
+    assert code == 404 and "'gpt-4o'" in message and "['chat']" in message and "acc-emb" not in message
+    code, message = await error(jp_fetch, "v1", "embeddings", method="POST", body={"model": "gpt-4o", "input": "x"})
+    assert code == 404 and "['acc-emb']" in message and "chat" not in message
+
+
 async def test_stream_arrives_chunk_by_chunk(jp_fetch, model_dir):
     await start(jp_fetch, model_dir(1), name="chat")
     arrivals = []

@@ -54,10 +54,8 @@ def server(tmp_path):
     if srv.proc.poll() is None:
         srv.kill()
     cp = ControlPlane(state_dir=srv.state_dir, monitor=False)
-    for e in cp.engines():
-        if e["state"] in ("starting", "ready", "stopping"):
-            cp.stop_engine(e["id"])
-    cp.prune()
+    cp.stop_all()
+    cp.close()
     cp.close()
 
 

@@ -3,10 +3,9 @@
 import time
 
 from sage_nb.controlplane import BadRequest, ControlPlane
-from sage_nb.controlplane.workprobe import OK, STUCK, progress, run_probe
+from sage_nb.controlplane.probes import OK, STUCK, progress, run_probe
 
-from ..conftest import STUB_PATH
-from .test_lifecycle import wait_for
+from ..conftest import STUB_PATH, wait_for
 
 FAST = {"work_probe_interval": 0.3, "work_probe_timeout": 0.6, "health_failures": 2}
 

@@ -1,4 +1,5 @@
-"""Finding vLLM servers of this user from their processes (never by scanning ports)."""
+"""Scanning processes for vLLM servers and orphans of this user, from their command lines and
+environment (never by scanning ports)."""
 
 from __future__ import annotations
 

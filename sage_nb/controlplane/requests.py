@@ -2,31 +2,19 @@
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
+from . import validation
 from .errors import BadRequest
-from .ports import validate_port
 from .sizing import validate_model_name
 
 KINDS = ("llm", "embedding")
 DTYPES = ("auto", "half", "float16", "bfloat16", "float", "float32")
-NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$")
 # Flags sage_nb sets itself; an engine may not override them through extra_args.
 MANAGED_FLAGS = ("--model", "--host", "--port", "--api-key", "--served-model-name",
                  "--tensor-parallel-size", "-tp", "--max-model-len", "--dtype",
                  "--gpu-memory-utilization", "--uds")
-
-
-def _int(name: str, value, minimum: int) -> int | None:
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise BadRequest(f"{name} must be an integer, got {value!r}")
-    if value < minimum:
-        raise BadRequest(f"{name} must be at least {minimum}, got {value}")
-    return value
 
 
 @dataclass
@@ -50,16 +38,15 @@ class LaunchRequest:
             self.model = str(Path(self.model).expanduser().resolve())
         if self.kind not in KINDS:
             raise BadRequest(f"unknown kind {self.kind!r}: use 'llm' or 'embedding'")
-        if self.name is not None and (not isinstance(self.name, str) or not NAME.match(self.name)):
-            raise BadRequest(f"invalid engine name {self.name!r}: letters, digits, '.', '_', '-' "
-                             "(at most 64, starting with a letter or digit)")
-        self.tensor_parallel_size = _int("tensor_parallel_size", self.tensor_parallel_size, 1)
-        self.port = validate_port(self.port)
-        self.max_model_len = _int("max_model_len", self.max_model_len, 16)
+        if self.name is not None:
+            validation.engine_name(self.name)
+        self.tensor_parallel_size = validation.integer("tensor_parallel_size", self.tensor_parallel_size)
+        self.port = validation.port(self.port)
+        self.max_model_len = validation.optional_integer("max_model_len", self.max_model_len, 16)
         if self.gpu_ids is not None:
             if not isinstance(self.gpu_ids, (list, tuple)):
                 raise BadRequest("gpu_ids must be a list of GPU indices")
-            self.gpu_ids = [_int("gpu id", g, 0) for g in self.gpu_ids]
+            self.gpu_ids = [validation.integer("gpu id", g, 0) for g in self.gpu_ids]
             if len(set(self.gpu_ids)) != len(self.gpu_ids):
                 raise BadRequest(f"gpu_ids has duplicates: {self.gpu_ids}")
             if self.tensor_parallel_size == 1 and len(self.gpu_ids) > 1:

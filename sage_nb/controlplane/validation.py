@@ -1,0 +1,57 @@
+"""Checks of caller input shared by every entry point (REST, magics, Python): integers, ports
+and engine names. Each rule is written here once."""
+
+from __future__ import annotations
+
+import re
+
+from .errors import BadRequest
+
+ENGINE_NAME = r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}"  # also the REST path part of an engine id or name
+_NAME = re.compile(ENGINE_NAME)
+
+
+def integer(name: str, value, minimum: int = 1, maximum: int | None = None) -> int:
+    """``value`` if it is an int (not a bool) within ``minimum..maximum``, else :class:`BadRequest`."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise BadRequest(f"{name} must be an integer, got {value!r}")
+    if value < minimum:
+        raise BadRequest(f"{name} must be at least {minimum}, got {value}")
+    if maximum is not None and value > maximum:
+        raise BadRequest(f"{name} must be at most {maximum}, got {value}")
+    return value
+
+
+def optional_integer(name: str, value, minimum: int = 1) -> int | None:
+    return None if value is None else integer(name, value, minimum)
+
+
+def port(value) -> int | None:
+    """A TCP port or ``None``."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise BadRequest(f"port must be an integer, got {value!r}")
+    if not 1 <= value <= 65535:
+        raise BadRequest(f"port {value} is out of range (1-65535)")
+    return value
+
+
+def is_engine_name(value) -> bool:
+    return isinstance(value, str) and _NAME.fullmatch(value) is not None
+
+
+def engine_name(value) -> str:
+    """A name the caller chose for an engine (it must be usable as a REST path part)."""
+    if not is_engine_name(value):
+        raise BadRequest(f"invalid engine name {value!r}: letters, digits, '.', '_', '-' "
+                         "(at most 64, starting with a letter or digit)")
+    return value
+
+
+def clean_name(text: str) -> str:
+    """An engine name made from a model path or served name: its last path part, with every
+    character a name may not hold replaced by ``-`` (``org/model:latest`` → ``model-latest``)."""
+    base = text.rstrip("/").split("/")[-1]
+    base = "".join(c if (c.isascii() and c.isalnum()) or c in "._-" else "-" for c in base)[:48].lstrip("._-")
+    return base or "engine"

@@ -1,0 +1,105 @@
+"""The layers hold: no import circle under ``sage_nb/``, ``controlplane/`` imports nothing from
+Jupyter, IPython, tornado or ipywidgets (statically, and at run time), no module of ``kernel/``
+imports the package root or the server, and the server never imports the kernel side."""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+PACKAGE = Path(__file__).resolve().parents[1] / "sage_nb"
+JUPYTER = {"jupyter_server", "jupyter_client", "IPython", "ipykernel", "ipywidgets", "tornado", "traitlets"}
+
+
+def module_name(path: Path) -> str:
+    parts = list(path.relative_to(PACKAGE.parent).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+MODULES = {module_name(p): p for p in PACKAGE.rglob("*.py") if "stub_engine" not in p.parts}
+
+
+def imports(name: str) -> set[str]:
+    """Every dotted name a module imports, at the top or inside functions."""
+    path = MODULES[name]
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                anchor = package.split(".")[: len(package.split(".")) - node.level + 1]
+                base = ".".join(anchor + ([node.module] if node.module else []))
+            found.add(base)
+            found.update(f"{base}.{a.name}" for a in node.names)
+    return found
+
+
+def internal(name: str) -> set[str]:
+    """The package modules ``name`` depends on (a submodule importing its own package does not count)."""
+    deps = set()
+    for target in imports(name):
+        parts = target.split(".")
+        for i in range(len(parts), 0, -1):
+            candidate = ".".join(parts[:i])
+            if candidate in MODULES:
+                if candidate != name and not name.startswith(candidate + "."):
+                    deps.add(candidate)
+                break
+    return deps
+
+
+GRAPH = {name: internal(name) for name in MODULES}
+
+
+def test_no_import_circle():
+    done: set[str] = set()
+
+    def visit(name: str, path: list[str]) -> None:
+        if name in path:
+            pytest.fail("import circle: " + " -> ".join(path[path.index(name):] + [name]))
+        if name in done:
+            return
+        for dep in sorted(GRAPH[name]):
+            visit(dep, path + [name])
+        done.add(name)
+
+    for name in sorted(MODULES):
+        visit(name, [])
+
+
+def test_layer_rules():
+    root_modules = {n for n, p in MODULES.items() if p.parent == PACKAGE}
+    broken = []
+    for name, deps in GRAPH.items():
+        layer = name.split(".")[1] if "." in name else ""
+        if layer == "controlplane":
+            external = {t.split(".")[0] for t in imports(name)}
+            broken += [f"{name} imports {m}" for m in sorted(external & JUPYTER)]
+            broken += [f"{name} imports {d}" for d in deps if d.startswith(("sage_nb.server", "sage_nb.kernel"))]
+        if layer == "kernel":
+            broken += [f"{name} imports {d}" for d in deps if d in root_modules or d.startswith("sage_nb.server")]
+        if layer == "server":
+            broken += [f"{name} imports {d}" for d in deps if d.startswith("sage_nb.kernel")]
+    assert not broken, broken
+
+
+def test_the_checks_see_what_they_check():
+    # guards against a walker that finds nothing: known edges must be there
+    assert "sage_nb.controlplane.supervisor" in GRAPH["sage_nb.controlplane.core"]
+    assert "sage_nb.kernel.client" in GRAPH["sage_nb.client"]
+    assert "tornado" in {t.split(".")[0] for t in imports("sage_nb.server.gateway")}
+
+
+def test_control_plane_loads_nothing_from_jupyter_at_run_time():
+    code = ("import sys, sage_nb.controlplane; "
+            f"bad = [m for m in sys.modules if m.split('.')[0] in {sorted(JUPYTER)!r}]; "
+            "print(bad); sys.exit(bool(bad))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stdout + out.stderr
