@@ -11,7 +11,7 @@ import sys
 import time
 
 from sage_nb.controlplane import ControlPlane
-from sage_nb.tinymodel import default_models_dir, make_tiny_llama, minilm_path
+from sage_nb.testing.tinymodel import default_models_dir, make_tiny_llama, minilm_path
 
 from .common import (
     API_SERVER,

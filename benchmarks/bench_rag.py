@@ -1,4 +1,4 @@
-"""#7a RAG search: top-5 over 100,000 × 384 normalized float32 vectors with ``sage_nb.kernel.rag.RAG``
+"""#7a RAG search: top-5 over 100,000 × 384 normalized float32 vectors with ``sage_nb.rag.RAG``
 (index state built directly; the query embedding comes from an in-process fake backend) against
 plain numpy (matrix-vector product + argpartition) on the same matrix."""
 
@@ -9,7 +9,7 @@ from types import SimpleNamespace
 
 import numpy as np
 
-from sage_nb.kernel.rag import RAG, Chunk
+from sage_nb.rag import RAG, Chunk
 
 try:
     from threadpoolctl import threadpool_limits  # comes with vLLM's dependencies

@@ -11,28 +11,10 @@ otherwise runs the same control plane in-process (embedded mode).
 
 from __future__ import annotations
 
-import threading
+from sage_nb.kernel.client import Client, get_client, set_client
 
-from sage_nb.kernel.client import Client
-
-_lock = threading.Lock()
-_default: Client | None = None
-
-
-def get_client(refresh: bool = False) -> Client:
-    """The kernel's shared :class:`Client` (created on first use)."""
-    global _default
-    with _lock:
-        if _default is None or refresh:
-            _default = Client()
-        return _default
-
-
-def set_client(client: Client | None) -> None:
-    """Replace the shared client (``None``: find the server again on next use)."""
-    global _default
-    with _lock:
-        _default = client
+__all__ = ["Client", "backends", "embeddings", "engines", "get_client", "llm", "prune", "set_client",
+           "start", "stop"]
 
 
 def llm(model: str | None = None):
@@ -46,20 +28,25 @@ def embeddings(model: str | None = None):
 
 
 def backends() -> dict:
+    """Ready engines by kind: ``{"llm_backends": [...], "embedding_backends": [...]}``."""
     return get_client().backends()
 
 
 def engines() -> list[dict]:
+    """Every engine record (JSON models)."""
     return get_client().engines()
 
 
 def start(model: str, kind: str = "llm", **options) -> dict:
+    """Start an engine and wait until it is ready (see ``Client.start``)."""
     return get_client().start(model, kind, **options)
 
 
 def stop(id_or_name: str) -> dict:
+    """Stop an engine; its port and GPU memory are free at once."""
     return get_client().stop(id_or_name)
 
 
 def prune() -> list[str]:
+    """Remove stopped and failed engine records."""
     return get_client().prune()

@@ -1,21 +1,23 @@
-"""The notebook's client: engines through the server's REST API, or, when no server with the
-extension is reachable, through the same control plane embedded in this process.
+"""The notebook's client: engines through a transport chosen once (the server's REST API, or the
+same control plane embedded in this process when no server with the extension is reachable).
 
 ``llm()`` and ``embeddings()`` return ready ``openai.OpenAI`` objects chosen by kind from the
-backends (never by port); the chosen served name is their ``.model`` attribute.
+backends (never by port); the chosen served name is their ``.model`` attribute. The kernel's
+shared client is :func:`get_client` (``sage_nb.client`` re-exports these functions).
 """
 
 from __future__ import annotations
 
 import re
+import threading
 import time
 from collections.abc import Callable
 
-from sage_nb.controlplane import BadRequest, ControlPlane, EngineFailed, LaunchRequest, NotFound
-from sage_nb.controlplane.process import log_tail
-from sage_nb.controlplane.router import KIND_LABEL, NoBackend, no_backend_message
+from sage_nb.controlplane import ControlPlane, EngineFailed, EngineState, LaunchRequest, validation
+from sage_nb.controlplane.router import BackendIndex
 
-from .connection import ServerInfo, find_server, reachable, request
+from .connection import ServerInfo
+from .transport import Transport, connect
 
 # (pattern in the engine log, phase shown while it loads); the last one found wins
 PHASES = [
@@ -38,76 +40,63 @@ def loading_phase(log: str) -> str:
 
 
 class Client:
-    """Engines and OpenAI clients for this notebook (server mode or embedded mode)."""
+    """Engines and OpenAI clients for this notebook, over one :class:`Transport`."""
 
     def __init__(self, server: ServerInfo | None = None, *, url: str | None = None,
-                 token: str | None = None, embedded: bool | None = None, **cp_settings) -> None:
-        self.server: ServerInfo | None = None
-        self.why_embedded = "embedded mode was asked for"
-        self._cp: ControlPlane | None = None
-        if not embedded:
-            candidate = server or find_server(url, token)
-            ok, why = reachable(candidate) if candidate else (False, "no Jupyter server found for this kernel")
-            if ok:
-                self.server = candidate
-            elif embedded is False:
-                raise ConnectionError(f"sage_nb server extension not reachable: {why}")
-            else:
-                self.why_embedded = why
-        if self.server is None:
-            self._cp = ControlPlane(**cp_settings)
-            self._cp.discover()
+                 token: str | None = None, embedded: bool | None = None, transport: Transport | None = None,
+                 **cp_settings) -> None:
+        self.transport = transport or connect(server, url=url, token=token, embedded=embedded, **cp_settings)
 
     @property
     def mode(self) -> str:
-        return "server" if self.server else "embedded"
+        """``"server"`` or ``"embedded"``."""
+        return self.transport.mode
+
+    @property
+    def server(self) -> ServerInfo | None:
+        return self.transport.server
+
+    @property
+    def why_embedded(self) -> str:
+        return self.transport.why_embedded
 
     @property
     def control_plane(self) -> ControlPlane | None:
         """The embedded control plane (``None`` in server mode)."""
-        return self._cp
-
-    def _rest(self, method: str, path: str, body=None):
-        return request(self.server, method, path, body)
+        return self.transport.control_plane
 
     # -------------------------------------------------------------- engines
     def backends(self) -> dict:
-        return self._rest("GET", "sage_nb/api/backends") if self.server else self._cp.backends()
+        return self.transport.backends()
 
     def engines(self) -> list[dict]:
-        return self._rest("GET", "sage_nb/api/engines") if self.server else self._cp.engines()
+        return self.transport.engines()
 
     def engine(self, id_or_name: str) -> dict:
-        if self.server:
-            return self._rest("GET", f"sage_nb/api/engines/{_path_part(id_or_name)}")
-        return self._cp.engine(id_or_name)
+        return self.transport.engine(id_or_name)
 
     def gpus(self) -> dict:
-        return self._rest("GET", "sage_nb/api/gpus") if self.server else self._cp.gpu_report()
+        return self.transport.gpus()
+
+    def settings(self) -> dict:
+        """The effective settings of the control plane this client talks to."""
+        return self.transport.settings()
 
     def logs(self, id_or_name: str, lines: int = 100) -> str:
-        if self.server:
-            return self._rest("GET", f"sage_nb/api/engines/{_path_part(id_or_name)}/logs?lines={int(lines)}")["log"]
-        return self._cp.logs(id_or_name, lines)
+        return self.transport.logs(id_or_name, validation.integer("lines", lines))
 
     def prune(self) -> list[str]:
-        return self._rest("POST", "sage_nb/api/engines/prune")["removed"] if self.server else self._cp.prune()
+        return self.transport.prune()
 
     def stop(self, id_or_name: str) -> dict:
-        if self.server:
-            return self._rest("DELETE", f"sage_nb/api/engines/{_path_part(id_or_name)}")
-        return self._cp.stop_engine(id_or_name)
+        return self.transport.stop(id_or_name)
 
     def start(self, model: str, kind: str = "llm", *, wait: bool = True, timeout: float | None = None,
               on_progress: Callable[[dict, str], None] | None = None, **options) -> dict:
         """Start an engine (options as ``ControlPlane.start_engine``); with ``wait``, block until it
         is ready, calling ``on_progress(engine, phase)`` as the loading phase changes."""
         req = LaunchRequest(model=model, kind=kind, **options)  # bad input fails here, before any call
-        if self.server:
-            body = {k: v for k, v in vars(req).items() if v is not None}
-            engine = self._rest("POST", "sage_nb/api/engines", body)
-        else:
-            engine = self._cp.start(req, wait=False)
+        engine = self.transport.start(req)
         return self.wait_ready(engine["id"], timeout, on_progress) if wait else engine
 
     def wait_ready(self, id_or_name: str, timeout: float | None = None,
@@ -117,18 +106,17 @@ class Client:
         phase = None
         while True:
             engine = self.engine(id_or_name)
-            if engine["state"] != "starting":
+            if engine["state"] != EngineState.STARTING:
                 break
             if on_progress is not None:
-                text = self.logs(engine["id"], 400) if self.server else log_tail(engine["log_path"], 400)
-                new = loading_phase(text)
+                new = loading_phase(self.transport.logs(engine["id"], 400))
                 if new != phase:
                     phase = new
                     on_progress(engine, phase)
             if time.monotonic() > deadline:
                 raise EngineFailed(f"engine {engine['name']!r} is not ready after {timeout:.0f} s")
             time.sleep(0.5)
-        if engine["state"] != "ready":
+        if engine["state"] != EngineState.READY:
             raise EngineFailed(f"engine {engine['name']!r} {engine['state']}: {engine.get('error') or ''}".strip())
         if on_progress is not None:
             on_progress(engine, "ready")
@@ -136,33 +124,18 @@ class Client:
 
     # -------------------------------------------------------------- OpenAI clients
     def backend(self, kind: str, model: str | None = None) -> dict:
-        """The backend a request of ``kind`` (``llm``/``embedding``) for ``model`` would use."""
+        """The backend a request of ``kind`` (``llm``/``embedding``) for ``model`` would use (the
+        gateway's own rule, :class:`BackendIndex`)."""
         backends = self.backends()
-        pool = backends["llm_backends"] + backends["embedding_backends"]
-        if model:
-            named = [b for b in pool if model in (b["served_model_name"], b["model"], b["name"], b["id"])]
-            if not named:
-                raise BadRequest(f"no ready engine serves {model!r}; ready: "
-                                 f"{sorted(b['served_model_name'] for b in pool) or 'none'}")
-            right = [b for b in named if b["kind"] == kind]
-            if not right:
-                raise BadRequest(f"model {model!r} is an {KIND_LABEL[named[0]['kind']]} model; "
-                                 f"this needs an {KIND_LABEL[kind]} model")
-            return right[0]
-        of_kind = backends[f"{kind}_backends"]
-        if not of_kind:
-            raise NoBackend(no_backend_message(kind))
-        return of_kind[0]
+        return BackendIndex(backends["llm_backends"] + backends["embedding_backends"]).candidates(kind, model)[0]
 
     def openai(self, kind: str, model: str | None = None):
         """A ready ``openai.OpenAI`` for ``kind``; its ``.model`` is the served name to use."""
         import openai
 
         chosen = self.backend(kind, model)
-        if self.server:  # through the gateway, with the Jupyter token
-            client = openai.OpenAI(base_url=self.server.api("sage_nb/v1"), api_key=self.server.token or "none")
-        else:  # embedded: straight to the engine, with its private key
-            client = openai.OpenAI(base_url=chosen["base_url"], api_key=self._cp.api_key(chosen["id"]))
+        base_url, api_key = self.transport.endpoint(chosen)
+        client = openai.OpenAI(base_url=base_url, api_key=api_key)
         client.model = chosen["served_model_name"]
         client.backend = chosen
         return client
@@ -176,7 +149,22 @@ class Client:
         return self.openai("embedding", model)
 
 
-def _path_part(value: str) -> str:
-    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}", str(value)):
-        raise NotFound(f"no engine with id or name {value!r}")
-    return value
+# ---------------------------------------------------------------------- the kernel's shared client
+_lock = threading.Lock()
+_default: Client | None = None
+
+
+def get_client(refresh: bool = False) -> Client:
+    """The kernel's shared :class:`Client` (created on first use)."""
+    global _default
+    with _lock:
+        if _default is None or refresh:
+            _default = Client()
+        return _default
+
+
+def set_client(client: Client | None) -> None:
+    """Replace the shared client (``None``: find the server again on next use)."""
+    global _default
+    with _lock:
+        _default = client

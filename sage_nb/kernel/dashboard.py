@@ -14,12 +14,14 @@ import json
 import ipywidgets as w
 import psutil
 
-from .client import Client
+from sage_nb.controlplane.state import STOPPABLE, EngineState, is_routable
+
+from .client import Client, get_client
 from .views import uptime
 
 COLORS = {"other": "#9e9e9e", "booked": "#1f77b4", "free": "#d9ead3"}
-STATE_COLORS = {"ready": "#2e7d32", "starting": "#f9a825", "stopping": "#6d4c41", "failed": "#c62828",
-                "stopped": "#757575"}
+STATE_COLORS = {EngineState.READY: "#2e7d32", EngineState.STARTING: "#f9a825", EngineState.STOPPING: "#6d4c41",
+                EngineState.FAILED: "#c62828", EngineState.STOPPED: "#757575"}
 
 
 def gpu_bar_html(gpu: dict) -> str:
@@ -48,9 +50,7 @@ class Dashboard(w.VBox):
     """GPUs, engines and actions; ``%llm dashboard`` shows one. Refreshes every ``interval`` s."""
 
     def __init__(self, client: Client | None = None, interval: float = 2.0, autostart: bool = True) -> None:
-        from sage_nb import client as default
-
-        self.client = client or default.get_client()
+        self.client = client or get_client()
         self.interval = interval
         self.snapshot: dict = {}
         self.status = w.HTML(layout=w.Layout(min_height="1.2em"))
@@ -118,7 +118,7 @@ class Dashboard(w.VBox):
                       ",".join(map(str, e["gpu_ids"])) or "cpu", e["port"], uptime(e), html.escape(health)]
             cells += [w.HTML(f"<span class='sage-nb-cell'>{v}</span>") for v in values]
             stop = w.Button(description="stop", icon="stop", layout=w.Layout(width="auto"),
-                            disabled=e["state"] not in ("starting", "ready"))
+                            disabled=e["state"] not in STOPPABLE)
             stop.on_click(lambda _, i=e["id"]: self._act(self.client.stop, i))
             logs = w.Button(description="logs", icon="file-text", layout=w.Layout(width="auto"))
             logs.on_click(lambda _, i=e["id"]: self.show_logs(i))
@@ -218,7 +218,8 @@ class Dashboard(w.VBox):
 
 def health_of(engine: dict) -> str:
     """``ok``, the failed probes of a ready engine that is not routed to, or the first line of its error."""
-    if engine["state"] == "ready":
-        failures = engine.get("health_failures") or 0
-        return "ok" if not failures else f"unhealthy: {failures} failed probe(s), not routed to"
+    if is_routable(engine):
+        return "ok"
+    if engine["state"] == EngineState.READY:
+        return f"unhealthy: {engine.get('health_failures') or 0} failed probe(s), not routed to"
     return (engine.get("error") or "").split("\n")[0][:60]

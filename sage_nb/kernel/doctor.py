@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import os
 import subprocess
+from pathlib import Path
 
-from sage_nb.controlplane.settings import Settings
+from sage_nb.controlplane.state import EngineState, is_routable
 
 from .client import Client
 from .views import Table
@@ -27,11 +28,15 @@ def checks(client: Client) -> list[list[str]]:
         rows.append(["token", "FAIL" if token_problem else "OK",
                      client.why_embedded if token_problem else "no server to ask",
                      "set SAGE_NB_TOKEN to the server's token" if token_problem else ""])
-    settings = Settings() if client.control_plane is None else client.control_plane.settings
-    db = settings.db_path
-    writable = os.access(db.parent if db.parent.exists() else db.parent.parent, os.W_OK)
-    rows.append(["registry", "OK" if writable else "FAIL", str(db),
-                 "" if writable else f"make {db.parent} writable or set SAGE_NB_STATE_DIR"])
+    try:
+        settings = client.settings()  # the server's own in server mode, not this kernel's defaults
+    except Exception as e:
+        settings = None
+        rows.append(["settings", "FAIL", f"cannot read the control plane's settings: {e}",
+                     "upgrade sage_nb in the server's environment and restart it"])
+    if settings is not None:
+        rows.append(registry_check(settings["db_path"]))
+        rows.append(vllm_check(settings["engine_python"]))
     try:
         gpus = client.gpus()
     except Exception as e:  # report, don't crash the doctor
@@ -41,21 +46,31 @@ def checks(client: Client) -> list[list[str]]:
     else:
         rows.append(["GPUs", "OK", f"no NVIDIA GPU ({gpus.get('error') or 'none'}): engines run on CPU",
                      "install NVIDIA drivers and the gpu extra for GPU engines"])
-    rows.append(vllm_check(settings.engine_python))
     try:
         engines = client.engines()
     except Exception as e:
         engines = []
         rows.append(["engines", "FAIL", f"cannot list engines: {e}", "see the server log"])
     for e in engines:
-        if e["state"] == "failed":
+        name = f"engine {e['name']}"
+        if e["state"] == EngineState.FAILED:
             first = (e.get("error") or "").splitlines()[0] if e.get("error") else "failed"
-            rows.append([f"engine {e['name']}", "FAIL", first, f"%llm logs {e['name']}; then %llm prune"])
-        elif e["state"] == "starting":
-            rows.append([f"engine {e['name']}", "WARN", "still starting", f"%llm logs {e['name']}"])
-        elif e["state"] == "ready":
-            rows.append([f"engine {e['name']}", "OK", f"ready on port {e['port']}", ""])
+            rows.append([name, "FAIL", first, f"%llm logs {e['name']}; then %llm prune"])
+        elif e["state"] == EngineState.STARTING:
+            rows.append([name, "WARN", "still starting", f"%llm logs {e['name']}"])
+        elif is_routable(e):
+            rows.append([name, "OK", f"ready on port {e['port']}", ""])
+        elif e["state"] == EngineState.READY:
+            rows.append([name, "WARN", f"ready but not routed to: {e.get('health_failures')} failed "
+                                       "probe(s) in a row", f"%llm logs {e['name']}"])
     return rows
+
+
+def registry_check(db_path: str) -> list[str]:
+    db = Path(db_path)
+    writable = os.access(db.parent if db.parent.exists() else db.parent.parent, os.W_OK)
+    return ["registry", "OK" if writable else "FAIL", str(db),
+            "" if writable else f"make {db.parent} writable or set SAGE_NB_STATE_DIR"]
 
 
 def vllm_check(python: str) -> list[str]:

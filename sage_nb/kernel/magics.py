@@ -12,7 +12,7 @@ from traitlets import Unicode
 from sage_nb.controlplane import ControlPlaneError
 
 from . import doctor, views
-from .client import Client
+from .client import Client, get_client, set_client
 from .parsing import parse_cell, parse_line
 
 
@@ -36,14 +36,12 @@ class LLMMagics(Magics):
 
     @property
     def client(self) -> Client:
-        from sage_nb import client as default
-
         if self._client is None:
             if self.server_url:
                 self._client = Client(url=self.server_url, token=self.token or None)
-                default.set_client(self._client)
+                set_client(self._client)
             else:
-                self._client = default.get_client()
+                self._client = get_client()
         return self._client
 
     @line_cell_magic

@@ -11,6 +11,9 @@ from dataclasses import dataclass
 
 from IPython.core.error import UsageError
 
+from sage_nb.controlplane import validation
+from sage_nb.controlplane.errors import BadRequest
+
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str):
@@ -24,21 +27,21 @@ class _HelpShown(Exception):
     pass
 
 
-def _positive(text: str) -> int:
+def _checked(check, text: str):
+    """An argparse type from one of the control plane's own checks (the same rule everywhere)."""
     try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
+        return check(int(text))
+    except ValueError as e:  # BadRequest is a ValueError
+        message = e.message if isinstance(e, BadRequest) else f"expected an integer, got {text!r}"
+        raise argparse.ArgumentTypeError(message) from None
+
+
+def _positive(text: str) -> int:
+    return _checked(lambda v: validation.integer("the value", v), text)
 
 
 def _port(text: str) -> int:
-    value = _positive(text)
-    if value > 65535:
-        raise argparse.ArgumentTypeError(f"port {value} is out of range (1-65535)")
-    return value
+    return _checked(validation.port, text)
 
 
 def _gpu_list(text: str) -> list[int]:

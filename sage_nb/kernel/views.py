@@ -5,6 +5,8 @@ from __future__ import annotations
 import html
 import time
 
+from sage_nb.controlplane.state import EngineState
+
 
 class Table:
     """Rows under a title; ``_repr_html_`` in notebooks, aligned columns as text."""
@@ -38,7 +40,7 @@ class Table:
 
 
 def uptime(engine: dict) -> str:
-    if engine.get("state") != "ready" or not engine.get("ready_at"):
+    if engine.get("state") != EngineState.READY or not engine.get("ready_at"):
         return ""
     seconds = int(time.time() - engine["ready_at"])
     return f"{seconds // 3600}h{seconds // 60 % 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"

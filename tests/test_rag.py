@@ -17,9 +17,9 @@ from hypothesis import strategies as st
 import sage_nb.client as default_client
 from sage_nb.controlplane.process import kill_tree
 from sage_nb.controlplane.router import NoBackend
+from sage_nb.kernel import client as kernel_client
 from sage_nb.kernel.client import Client
-from sage_nb.kernel.rag import Answer, Chunk, chunk_text
-from sage_nb.rag import RAG
+from sage_nb.rag import RAG, Answer, Chunk, chunk_text
 
 SENTENCES = [f"Sentence number {i} talks about topic {i % 7} in a few plain words." for i in range(60)]
 TEXT = " ".join(SENTENCES[:20]) + "\n\n" + " ".join(SENTENCES[20:40]) + "\n\n" + " ".join(SENTENCES[40:])
@@ -412,7 +412,7 @@ def test_ask_answers_with_the_llm_and_the_top_chunks(index, engines):
 
 @pytest.mark.vllm
 def test_default_client_and_save_load_on_real_engines(index, engines, tmp_path):
-    previous = default_client._default
+    previous = kernel_client._default
     default_client.set_client(engines["client"])
     try:
         rag = RAG()  # the shared client, resolved at first use

@@ -1,0 +1,145 @@
+"""How a notebook's client reaches the control plane. One class per transport, with the same
+methods: :class:`RestTransport` talks to the Jupyter server's sage_nb extension, and
+:class:`EmbeddedTransport` drives a :class:`ControlPlane` in this process (no server reachable).
+:func:`connect` picks one, once, when a client is built."""
+
+from __future__ import annotations
+
+from typing import Protocol
+from urllib.parse import quote
+
+from sage_nb.controlplane import ControlPlane, LaunchRequest, NotFound, validation
+
+from .connection import ServerInfo, find_server, reachable, request
+
+
+class Transport(Protocol):
+    """What a client needs from a transport (every method returns JSON models)."""
+
+    mode: str                           # "server" or "embedded"
+    server: ServerInfo | None           # the Jupyter server, when there is one
+    control_plane: ControlPlane | None  # the in-process control plane, when embedded
+    why_embedded: str                   # why no server is used ("" in server mode)
+
+    def engines(self) -> list[dict]: ...
+    def engine(self, id_or_name: str) -> dict: ...
+    def backends(self) -> dict: ...
+    def gpus(self) -> dict: ...
+    def logs(self, id_or_name: str, lines: int) -> str: ...
+    def prune(self) -> list[str]: ...
+    def stop(self, id_or_name: str) -> dict: ...
+    def start(self, req: LaunchRequest) -> dict: ...
+    def settings(self) -> dict: ...
+    def endpoint(self, backend: dict) -> tuple[str, str]: ...
+
+
+def _path_part(value: str) -> str:
+    """An engine id or name as a REST path part (a name no engine can have is not found)."""
+    if not validation.is_engine_name(value):
+        raise NotFound(f"no engine with id or name {value!r}")
+    return value
+
+
+class RestTransport:
+    """The server's REST API (``sage_nb/api/...``); OpenAI calls go through its gateway."""
+
+    mode = "server"
+    control_plane = None
+    why_embedded = ""
+
+    def __init__(self, server: ServerInfo) -> None:
+        self.server = server
+
+    def _call(self, method: str, path: str, body=None):
+        return request(self.server, method, path, body)
+
+    def engines(self) -> list[dict]:
+        return self._call("GET", "sage_nb/api/engines")
+
+    def engine(self, id_or_name: str) -> dict:
+        return self._call("GET", f"sage_nb/api/engines/{_path_part(id_or_name)}")
+
+    def backends(self) -> dict:
+        return self._call("GET", "sage_nb/api/backends")
+
+    def gpus(self) -> dict:
+        return self._call("GET", "sage_nb/api/gpus")
+
+    def logs(self, id_or_name: str, lines: int) -> str:
+        path = f"sage_nb/api/engines/{_path_part(id_or_name)}/logs?lines={quote(str(lines))}"
+        return self._call("GET", path)["log"]
+
+    def prune(self) -> list[str]:
+        return self._call("POST", "sage_nb/api/engines/prune")["removed"]
+
+    def stop(self, id_or_name: str) -> dict:
+        return self._call("DELETE", f"sage_nb/api/engines/{_path_part(id_or_name)}")
+
+    def start(self, req: LaunchRequest) -> dict:
+        return self._call("POST", "sage_nb/api/engines", {k: v for k, v in vars(req).items() if v is not None})
+
+    def settings(self) -> dict:
+        return self._call("GET", "sage_nb/api/settings")
+
+    def endpoint(self, backend: dict) -> tuple[str, str]:
+        """Through the gateway, with the Jupyter token."""
+        return self.server.api("sage_nb/v1"), self.server.token or "none"
+
+
+class EmbeddedTransport:
+    """A control plane in this process, on the same registry a server would use."""
+
+    mode = "embedded"
+    server = None
+
+    def __init__(self, control_plane: ControlPlane, why_embedded: str) -> None:
+        self.control_plane = control_plane
+        self.why_embedded = why_embedded
+
+    def engines(self) -> list[dict]:
+        return self.control_plane.engines()
+
+    def engine(self, id_or_name: str) -> dict:
+        return self.control_plane.engine(id_or_name)
+
+    def backends(self) -> dict:
+        return self.control_plane.backends()
+
+    def gpus(self) -> dict:
+        return self.control_plane.gpu_report()
+
+    def logs(self, id_or_name: str, lines: int) -> str:
+        return self.control_plane.logs(id_or_name, lines)
+
+    def prune(self) -> list[str]:
+        return self.control_plane.prune()
+
+    def stop(self, id_or_name: str) -> dict:
+        return self.control_plane.stop_engine(id_or_name)
+
+    def start(self, req: LaunchRequest) -> dict:
+        return self.control_plane.start(req, wait=False)
+
+    def settings(self) -> dict:
+        return self.control_plane.settings.to_model()
+
+    def endpoint(self, backend: dict) -> tuple[str, str]:
+        """Straight to the engine, with its private key."""
+        return backend["base_url"], self.control_plane.api_key(backend["id"])
+
+
+def connect(server: ServerInfo | None = None, *, url: str | None = None, token: str | None = None,
+            embedded: bool | None = None, **cp_settings) -> Transport:
+    """The server's REST API when its sage_nb extension answers, else an embedded control plane
+    (``embedded=True``: always embedded; ``embedded=False``: a server or ``ConnectionError``)."""
+    why = "embedded mode was asked for"
+    if not embedded:
+        candidate = server or find_server(url, token)
+        ok, why = reachable(candidate) if candidate else (False, "no Jupyter server found for this kernel")
+        if ok:
+            return RestTransport(candidate)
+        if embedded is False:
+            raise ConnectionError(f"sage_nb server extension not reachable: {why}")
+    control_plane = ControlPlane(**cp_settings)
+    control_plane.discover()
+    return EmbeddedTransport(control_plane, why)
