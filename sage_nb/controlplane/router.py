@@ -23,6 +23,12 @@ def no_backend_message(kind: str) -> str:
     return f"No {KIND_LABEL[kind]} backend available. Start one with: {START_HINT[kind]}"
 
 
+def _fields(engine, *names: str) -> tuple:
+    if isinstance(engine, dict):
+        return tuple(engine[n] for n in names)
+    return tuple(getattr(engine, n) for n in names)
+
+
 def _field(engine, name: str):
     return engine[name] if isinstance(engine, dict) else getattr(engine, name)
 
@@ -37,11 +43,13 @@ class BackendIndex:
         self.engines = [e for e in engines if is_routable(e)]
         self.by_key: dict[str, list] = defaultdict(list)
         self.by_kind: dict[str, list] = defaultdict(list)
+        self.ids = set()
         for e in self.engines:
-            self.by_kind[_field(e, "kind")].append(e)
-            for key in {_field(e, "served_model_name"), _field(e, "model"), _field(e, "name"), _field(e, "id")}:
+            kind, served, model, name, engine_id = _fields(e, "kind", "served_model_name", "model", "name", "id")
+            self.by_kind[kind].append(e)
+            for key in {served, model, name, engine_id}:
                 self.by_key[key].append(e)
-        self.ids = {_field(e, "id") for e in self.engines}
+            self.ids.add(engine_id)
 
     def candidates(self, kind: str, model: str | None = None) -> list:
         """The engines of ``kind`` serving ``model`` (any of ``kind`` when it is empty). Raises

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from enum import StrEnum
 
 from .errors import IllegalTransition
@@ -43,7 +42,7 @@ def check_transition(current: EngineState | str, new: EngineState | str) -> Engi
 def is_routable(engine) -> bool:
     """Ready, no failed health or work probe pending, and listening: the only engines a request
     may go to. Takes an engine record or its JSON model."""
-    if isinstance(engine, Mapping):
+    if isinstance(engine, dict):
         state, failures, port = engine.get("state"), engine.get("health_failures"), engine.get("port")
     else:
         state, failures, port = engine.state, engine.health_failures, engine.port

@@ -66,11 +66,10 @@ UNAUTHORIZED = response(401, {"error": "Unauthorized"})
 NOT_FOUND = response(404, {"detail": "Not Found"})
 NOT_ALLOWED = response(405, {"detail": "Method Not Allowed"})
 CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
-STREAM_HEAD = b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ncache-control: no-cache\r\n"
-STREAM_HEAD_CHUNKED = STREAM_HEAD + b"transfer-encoding: chunked\r\n\r\n"
-STREAM_HEAD_CLOSE = STREAM_HEAD + b"connection: close\r\n\r\n"  # the body ends when the connection does
-DONE = b"data: [DONE]\n\n"
-DONE_CHUNKED = frame(DONE) + b"0\r\n\r\n"
+# like uvicorn, a stream is chunked even when the connection closes after it
+STREAM_HEAD = (b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ncache-control: no-cache\r\n"
+               b"transfer-encoding: chunked\r\n\r\n")
+DONE = frame(b"data: [DONE]\n\n") + b"0\r\n\r\n"
 
 
 class BadBody(ValueError):
@@ -128,11 +127,11 @@ class Stub:
         return {"id": "cmpl-stub", "object": "text_completion", **common,
                 "choices": [{"index": 0, "finish_reason": "stop", "text": "stub", "logprobs": None}]}
 
-    def events(self, path: str, model: str) -> tuple[list[bytes], list[bytes]]:
-        """A stream's events: as they are (for a connection that closes after it) and framed as chunks."""
+    def events(self, path: str, model: str) -> list[bytes]:
+        """A stream's events, each framed as a chunk."""
         return self._cached(("stream", path, model), lambda: self._events(path, model))
 
-    def _events(self, path: str, model: str) -> tuple[list[bytes], list[bytes]]:
+    def _events(self, path: str, model: str) -> list[bytes]:
         raw = []
         for i in range(self.parts):
             finish = "stop" if i == self.parts - 1 else None
@@ -144,8 +143,8 @@ class Stub:
                 event = {"id": "cmpl-stub", "object": "text_completion",
                          "choices": [{"index": 0, "text": f"part{i}", "finish_reason": finish, "logprobs": None}]}
             event.update(created=self.created, model=model, served_by=self.port)
-            raw.append(b"data: " + json.dumps(event).encode() + b"\n\n")
-        return raw, [frame(e) for e in raw]
+            raw.append(frame(b"data: " + json.dumps(event).encode() + b"\n\n"))
+        return raw
 
     def embeddings(self, model: str, n: int) -> bytes:
         return self._cached((EMBEDDINGS, model, n), lambda: response(200, {
@@ -321,15 +320,14 @@ class Http(asyncio.Protocol):
             return self.send(bad_request("bad request: 'input' must be a string or a list"), keep)
         return self.send(NOT_FOUND, keep)
 
-    def stream(self, events: tuple[list[bytes], list[bytes]], keep: bool) -> None:
+    def stream(self, events: list[bytes], keep: bool) -> None:
         self.busy = True
         self.task = asyncio.get_running_loop().create_task(self._stream(events, keep))
 
-    async def _stream(self, events: tuple[list[bytes], list[bytes]], keep: bool) -> None:
-        """Chunks ``gap`` apart, then ``[DONE]``: chunked on a kept-alive connection, else up to its close."""
+    async def _stream(self, parts: list[bytes], keep: bool) -> None:
+        """Chunks ``gap`` apart, then ``[DONE]``; the connection closes after it unless kept alive."""
         transport, gap = self.transport, self.stub.gap
-        parts = events[1] if keep else events[0]
-        transport.write((STREAM_HEAD_CHUNKED if keep else STREAM_HEAD_CLOSE) + (parts[0] if parts else b""))
+        transport.write(STREAM_HEAD + (parts[0] if parts else b""))
         for part in parts[1:]:
             await asyncio.sleep(gap)
             if transport.is_closing():
@@ -340,10 +338,9 @@ class Http(asyncio.Protocol):
             if transport.is_closing():
                 return
         self.task = None
+        transport.write(DONE)
         if not keep or self.eof:
-            transport.write(DONE_CHUNKED if keep else DONE)
             return transport.close()
-        transport.write(DONE_CHUNKED)
         self.busy = False
         if self.buf:
             self.process()
