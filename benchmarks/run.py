@@ -1,6 +1,6 @@
 """Run sage_nb's benchmarks and write ``benchmarks/results/latest.{md,json}``.
 
-    .venv/bin/python -m benchmarks.run            # everything (about 10 minutes on 2 cores)
+    .venv/bin/python -m benchmarks.run            # everything (about 11 minutes on 2 cores)
     .venv/bin/python -m benchmarks.run --quick    # a short version of everything
     .venv/bin/python -m benchmarks.run --only gateway --only scale
 
@@ -33,7 +33,8 @@ LIMIT_S = 900  # per benchmark: a hang becomes an error in the report, and its p
 # name -> module; the order they run in (launch before refusal, which cites its launch time)
 BENCHMARKS = {"scale": "bench_scale", "rag": "bench_rag", "gateway": "bench_gateway",
               "dashboard": "bench_dashboard", "rediscovery": "bench_rediscovery",
-              "launch": "bench_engines", "engines": "bench_engines", "refusal": "bench_refusal"}
+              "launch": "bench_engines", "engines": "bench_engines", "refusal": "bench_refusal",
+              "serve": "bench_serve"}
 
 
 def main(argv: list[str] | None = None) -> int:
