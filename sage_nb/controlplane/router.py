@@ -19,7 +19,9 @@ KIND_LABEL = {"llm": "LLM", "embedding": "embedding"}
 START_HINT = {"llm": "%llm start <model>", "embedding": "%llm start <model> --embedding"}
 
 
-def no_backend_message(kind: str) -> str:
+def no_backend_message(kind: str | None) -> str:
+    """What to do when no engine of ``kind`` is routable (``None``: of any kind)."""
+    kind = kind or "llm"
     return f"No {KIND_LABEL[kind]} backend available. Start one with: {START_HINT[kind]}"
 
 
@@ -51,18 +53,19 @@ class BackendIndex:
                 self.by_key[key].append(e)
             self.ids.add(engine_id)
 
-    def candidates(self, kind: str, model: str | None = None) -> list:
-        """The engines of ``kind`` serving ``model`` (any of ``kind`` when it is empty). Raises
+    def candidates(self, kind: str | None, model: str | None = None) -> list:
+        """The engines of ``kind`` (``None``: any kind) serving ``model`` (any of ``kind`` when it is
+        empty). Raises
         :class:`NoBackend` (503) when no engine of ``kind`` is routable, :class:`NotFound` (404,
         naming the models of ``kind`` there are) when none serves ``model``, and
         :class:`BadRequest` (400) when ``model`` is served by engines of the other kind only."""
-        of_kind = self.by_kind.get(kind, [])
+        of_kind = self.engines if kind is None else self.by_kind.get(kind, [])
         if not model:
             if not of_kind:
                 raise NoBackend(no_backend_message(kind))
             return of_kind
         named = self.by_key.get(model, [])
-        right = [e for e in named if _field(e, "kind") == kind]
+        right = named if kind is None else [e for e in named if _field(e, "kind") == kind]
         if right:
             return right
         if named:
@@ -72,8 +75,9 @@ class BackendIndex:
         if not of_kind:
             raise NoBackend(no_backend_message(kind))
         served = sorted({_field(e, "served_model_name") for e in of_kind})
-        raise NotFound(f"model {model!r} is not served by any ready {KIND_LABEL[kind]} engine; "
-                       f"{KIND_LABEL[kind]} models available: {served}")
+        label = KIND_LABEL[kind] + " " if kind else ""
+        raise NotFound(f"model {model!r} is not served by any ready {label}engine; "
+                       f"{label}models available: {served}")
 
 
 class Router:
@@ -114,7 +118,7 @@ class Router:
             entry["engines"].append({"id": e.id, "name": e.name})
         return list(out.values())
 
-    def pick(self, kind: str, model: str | None = None, exclude: frozenset[str] = frozenset()) -> Engine:
+    def pick(self, kind: str | None, model: str | None = None, exclude: frozenset[str] = frozenset()) -> Engine:
         """The least-loaded engine of ``kind`` serving ``model`` (served name, model path or
         engine name); any engine of ``kind`` when ``model`` is empty."""
         candidates = self.index().candidates(kind, model)

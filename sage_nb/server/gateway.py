@@ -24,7 +24,10 @@ from sage_nb.controlplane.router import Router
 from .handlers import ApiError, SageHandler
 
 log = logging.getLogger("sage_nb.gateway")
-ROUTE_KIND = {"chat/completions": "llm", "completions": "llm", "embeddings": "embedding"}
+# route -> (the engine kind it needs, None: any; the engine's own path)
+ROUTES = {"v1/chat/completions": ("llm", "/v1/chat/completions"), "v1/completions": ("llm", "/v1/completions"),
+          "v1/embeddings": ("embedding", "/v1/embeddings"),
+          "tokenize": (None, "/tokenize"), "detokenize": (None, "/detokenize")}  # vLLM serves these at its root
 WATCH_INTERVAL = 1.0  # seconds between checks that the engine of an in-flight request is still ready
 PASS_HEADERS = ("Content-Type", "Cache-Control", "X-Request-Id")
 
@@ -110,7 +113,7 @@ class ProxyHandler(GatewayHandler):
     def initialize(self, route: str, **kwargs) -> None:
         super().initialize(**kwargs)
         self.route = route
-        self.kind = ROUTE_KIND[route]
+        self.kind, self.upstream = ROUTES[route]
         self.client_gone = False
         self.engine_lost = False
         self.upstream_started = False
@@ -183,7 +186,7 @@ class ProxyHandler(GatewayHandler):
             self.flush()
 
         request = httpclient.HTTPRequest(
-            f"{engine.base_url}/{self.route}", method="POST", body=payload,
+            f"http://{engine.host}:{engine.port}{self.upstream}", method="POST", body=payload,
             headers={"Authorization": f"Bearer {engine.api_key}", "Content-Type": "application/json"},
             header_callback=on_header if stream else None, streaming_callback=on_chunk if stream else None,
             decompress_response=False, connect_timeout=5.0,
@@ -284,5 +287,5 @@ async def _gone(client: httpclient.AsyncHTTPClient, engine) -> bool:
 
 GATEWAY_HANDLERS = [
     (r"/sage_nb/v1/models/?", ModelsHandler),
-    *[(rf"/sage_nb/v1/{route}/?", ProxyHandler, {"route": route}) for route in ROUTE_KIND],
+    *[(rf"/sage_nb/{route}/?", ProxyHandler, {"route": route}) for route in ROUTES],
 ]

@@ -69,6 +69,19 @@ async def test_unknown_model_names_only_models_of_the_routes_kind(jp_fetch, mode
     assert code == 404 and "['acc-emb']" in message and "chat" not in message
 
 
+async def test_tokenize_and_detokenize_go_to_the_engine_of_the_model(jp_fetch, model_dir):
+    chat = await start(jp_fetch, model_dir(1), name="chat")
+    emb = await start(jp_fetch, model_dir(1), name="emb", kind="embedding")
+    for engine in (chat, emb):  # any kind: vLLM tokenizes for pooling models too
+        code, tokens = await call(jp_fetch, "tokenize", method="POST", body={"model": engine["name"], "prompt": "hi"})
+        assert code == 200 and tokens["served_by"] == engine["port"] and tokens["count"] == 2
+        code, text = await call(jp_fetch, "detokenize", method="POST",
+                                body={"model": engine["name"], "tokens": tokens["tokens"]})
+        assert code == 200 and text == {"prompt": "hi", "served_by": engine["port"]}
+    code, message = await error(jp_fetch, "tokenize", method="POST", body={"model": "nope", "prompt": "x"})
+    assert code == 404 and "['chat', 'emb']" in message
+
+
 async def test_stream_arrives_chunk_by_chunk(jp_fetch, model_dir):
     await start(jp_fetch, model_dir(1), name="chat")
     arrivals = []

@@ -48,6 +48,27 @@ def test_openai_client_through_the_gateway(server, engines):
     assert len(oa.embeddings.create(model="", input="x").data[0].embedding) == 384
 
 
+def test_tokenize_through_the_gateway_is_the_engines(server, engines):
+    import json
+    import urllib.request
+
+    def post(url: str, body: dict, key: str) -> dict:
+        req = urllib.request.Request(url, data=json.dumps(body).encode(), method="POST",
+                                     headers={"Authorization": f"Bearer {key}", "Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=30) as resp:
+            return json.loads(resp.read())
+
+    from sage_nb.controlplane import ControlPlane
+
+    direct = f"http://127.0.0.1:{engines['llm']['port']}"
+    key = ControlPlane(state_dir=server.state_dir, monitor=False).api_key("tiny")
+    body = {"model": "tiny", "prompt": "how do plants make food?", "add_special_tokens": False}
+    through = post(server.url + "sage_nb/tokenize", body, TOKEN)
+    assert through["tokens"] and through == post(direct + "/tokenize", body, key)
+    text = post(server.url + "sage_nb/detokenize", {"model": "tiny", "tokens": through["tokens"]}, TOKEN)
+    assert text["prompt"] == "how do plants make food?"
+
+
 def test_wrong_kind_and_wrong_token(server, engines):
     oa = client(server)
     with pytest.raises(openai.BadRequestError, match="'minilm' is an embedding model"):

@@ -6,10 +6,10 @@ launches, discovers and adopts it like a real engine, and it answers at once (ra
 keep-alive, precomputed replies, no framework, uvloop when importable), so what a benchmark measures
 through it is the proxy in front of it. End-to-end tests use the real vLLM.
 
-Routes: ``/health``, ``/openapi.json``, ``GET /v1/models``, and chat, completions (streaming too) or,
-with ``--runner pooling``, embeddings. Like vLLM, ``/v1/*`` needs ``Bearer $VLLM_API_KEY`` when that is
-set (401), and a bad body is a 400 ``{"error": {"message": ...}}``, never a dropped connection.
-Replies and stream chunks carry ``"served_by": <port>``.
+Routes: ``/health``, ``/openapi.json``, ``GET /v1/models``, ``/tokenize`` and ``/detokenize``, and chat,
+completions (streaming too) or, with ``--runner pooling``, embeddings. Like vLLM, ``/v1/*`` needs
+``Bearer $VLLM_API_KEY`` when that is set (401), and a bad body is a 400 ``{"error": {"message": ...}}``,
+never a dropped connection. Replies and stream chunks carry ``"served_by": <port>``.
 
 Environment (a flag is on for any non-empty value):
 
@@ -146,6 +146,12 @@ class Stub:
             raw.append(frame(b"data: " + json.dumps(event).encode() + b"\n\n"))
         return raw
 
+    def tokenize(self, path: str, req: dict) -> dict:
+        if path == "/detokenize":
+            return {"prompt": "".join(chr(t) for t in req.get("tokens") or []), "served_by": self.port}
+        tokens = [ord(c) for c in str(req.get("prompt", ""))]
+        return {"count": len(tokens), "max_model_len": 2048, "tokens": tokens, "served_by": self.port}
+
     def embeddings(self, model: str, n: int) -> bytes:
         return self._cached((EMBEDDINGS, model, n), lambda: response(200, {
             "id": "embd-stub", "object": "list", "created": self.created, "model": model, "served_by": self.port,
@@ -154,7 +160,8 @@ class Stub:
 
 
 def parse_head(head: bytes) -> tuple[str, str, bool, dict, int]:
-    """``(method, path, keep_alive, headers, body length or -1 when chunked)``; ValueError when malformed."""
+    """``(method, path, keep_alive, headers, body length)``; ValueError when malformed (a chunked request
+    body too: no client of an engine sends one)."""
     lines = head.decode("latin-1").split("\r\n")
     method, target, version = lines[0].split(" ")
     if not version.startswith("HTTP/1."):
@@ -168,37 +175,12 @@ def parse_head(head: bytes) -> tuple[str, str, bool, dict, int]:
     connection = headers.get("connection", "").lower()
     keep = "keep-alive" in connection if version == "HTTP/1.0" else "close" not in connection
     if "transfer-encoding" in headers:
-        if headers["transfer-encoding"].lower() != "chunked":
-            raise ValueError(f"unsupported transfer-encoding {headers['transfer-encoding']!r}")
-        length = -1
-    else:
-        length_text = headers.get("content-length", "0")
-        if not (length_text.isascii() and length_text.isdigit()):
-            raise ValueError(f"bad content-length {length_text!r}")
-        length = int(length_text)
+        raise ValueError(f"unsupported transfer-encoding {headers['transfer-encoding']!r}")
+    length_text = headers.get("content-length", "0")
+    if not (length_text.isascii() and length_text.isdigit()):
+        raise ValueError(f"bad content-length {length_text!r}")
+    length = int(length_text)
     return method, target.split("?", 1)[0], keep, headers, length
-
-
-def dechunk(buf: bytes) -> tuple[bytes, int] | None:
-    """A chunked body from the start of ``buf``: ``(body, bytes used)``, None while incomplete."""
-    parts, pos = [], 0
-    while True:
-        eol = buf.find(b"\r\n", pos)
-        if eol < 0:
-            return None
-        size = int(buf[pos:eol].split(b";", 1)[0].strip(), 16)  # ValueError when malformed
-        if size < 0:
-            raise ValueError("negative chunk size")
-        if size == 0:
-            end = buf.find(b"\r\n\r\n", eol)  # after the trailers, if any
-            return None if end < 0 else (b"".join(parts), end + 4)
-        start = eol + 2
-        if len(buf) < start + size + 2:
-            return None
-        if buf[start + size:start + size + 2] != b"\r\n":
-            raise ValueError("chunk not ended by CRLF")
-        parts.append(buf[start:start + size])
-        pos = start + size + 2
 
 
 class Http(asyncio.Protocol):
@@ -244,19 +226,9 @@ class Http(asyncio.Protocol):
                 if self.head[4] and not self.buf and self.head[3].get("expect", "").lower() == "100-continue":
                     self.transport.write(CONTINUE)  # the client waits for this before sending its body
             method, path, keep, headers, length = self.head
-            if length >= 0:
-                if len(self.buf) < length:
-                    return
-                body, self.buf = self.buf[:length], self.buf[length:]
-            else:
-                try:
-                    got = dechunk(self.buf)
-                except ValueError as e:
-                    return self.fail(f"malformed chunked body: {e}")
-                if got is None:
-                    return
-                body, used = got
-                self.buf = self.buf[used:]
+            if len(self.buf) < length:
+                return
+            body, self.buf = self.buf[:length], self.buf[length:]
             self.head = None
             self.handle(method, path, headers, body, keep)
 
@@ -307,6 +279,8 @@ class Http(asyncio.Protocol):
         model = req.get("model") or stub.served
         if not isinstance(model, str):
             return self.send(bad_request("bad request: 'model' must be a string"), keep)
+        if path in ("/tokenize", "/detokenize"):  # vLLM's, at its root: one token per character here
+            return self.send(response(200, stub.tokenize(path, req)), keep)
         if path in stub.generating:
             if req.get("stream"):
                 return self.stream(stub.events(path, model), keep)
