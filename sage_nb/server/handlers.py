@@ -14,6 +14,12 @@ from tornado import web
 from sage_nb.controlplane import ControlPlane, ControlPlaneError, LaunchRequest, validation
 
 AUTH_RESOURCE = "sage_nb"
+NO_TOKEN = ("the Jupyter token is missing or wrong: send the server's token (Authorization: token <token>, "
+            "or as the API key of an OpenAI client)")
+# the "type" of OpenAI's error bodies, by status
+ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+               404: "not_found_error", 409: "conflict_error", 502: "upstream_error", 503: "service_unavailable",
+               504: "timeout_error"}
 
 
 class ApiError(web.HTTPError):
@@ -25,7 +31,7 @@ class ApiError(web.HTTPError):
 
 
 class SageHandler(ExtensionHandlerMixin, APIHandler):
-    """Base: Jupyter auth, JSON errors ``{"message": ...}``, control-plane calls off the loop."""
+    """Base: Jupyter auth, JSON errors, control-plane calls off the loop."""
 
     auth_resource = AUTH_RESOURCE
 
@@ -42,10 +48,24 @@ class SageHandler(ExtensionHandlerMixin, APIHandler):
             raise ApiError(e.status if e.status < 500 else 500, e.message) from None
 
     def write_error(self, status_code: int, **kwargs) -> None:
+        """``{"message": ..., "error": {"message", "type", "code"}}``: sage_nb's own shape, and OpenAI's,
+        whose clients show ``error.message`` (a refused token says how to send one)."""
         exc = kwargs.get("exc_info", (None, None, None))[1]
-        message = getattr(exc, "message", None) if isinstance(exc, ApiError) else None
+        if isinstance(exc, ApiError):
+            message = exc.message
+        elif status_code == 403 and not self._authenticated():
+            message = NO_TOKEN  # no valid token: Jupyter's XSRF check or @web.authenticated refused it
+        else:
+            message = getattr(exc, "log_message", None) or self._reason
         self.set_header("Content-Type", "application/json")
-        self.finish(json.dumps({"message": message or self._reason}))
+        error = {"message": message, "type": ERROR_TYPES.get(status_code, "server_error"), "code": status_code}
+        self.finish(json.dumps({"message": message, "error": error}))
+
+    def _authenticated(self) -> bool:
+        try:
+            return bool(self.current_user)
+        except Exception:  # an error page must never fail on auth
+            return False
 
     def json_body(self) -> dict:
         try:

@@ -7,6 +7,7 @@ import signal
 import time
 
 import pytest
+from tornado.httpclient import HTTPClientError
 
 from ..conftest import STUB_PATH
 from .test_rest import call, error, wait_state
@@ -80,6 +81,20 @@ async def test_tokenize_and_detokenize_go_to_the_engine_of_the_model(jp_fetch, m
         assert code == 200 and text == {"prompt": "hi", "served_by": engine["port"]}
     code, message = await error(jp_fetch, "tokenize", method="POST", body={"model": "nope", "prompt": "x"})
     assert code == 404 and "['chat', 'emb']" in message
+
+
+async def test_errors_are_openai_shaped_and_a_refused_token_says_what_to_do(jp_fetch, model_dir):
+    await start(jp_fetch, model_dir(1), name="emb", kind="embedding")
+    cases = [({"model": "emb", "messages": []}, {}, 400, "invalid_request_error", "'emb' is an embedding model"),
+             ({"messages": []}, {"Authorization": "Bearer wrong"}, 403, "permission_error", "Jupyter token"),
+             ({"messages": []}, {"Authorization": ""}, 403, "permission_error", "Jupyter token")]
+    for body, headers, status, kind, text in cases:
+        with pytest.raises(HTTPClientError) as exc:
+            await jp_fetch("sage_nb", "v1", "chat", "completions", method="POST", body=json.dumps(body),
+                           headers=headers)
+        reply = json.loads(exc.value.response.body)
+        assert exc.value.code == status and text in reply["message"]
+        assert reply["error"] == {"message": reply["message"], "type": kind, "code": status}
 
 
 async def test_stream_arrives_chunk_by_chunk(jp_fetch, model_dir):

@@ -76,8 +76,9 @@ def test_wrong_kind_and_wrong_token(server, engines):
     with pytest.raises(openai.BadRequestError, match="'tiny' is an LLM model"):
         oa.embeddings.create(model="tiny", input="x")
     bad = openai.OpenAI(base_url=server.url + "sage_nb/v1", api_key="wrong", max_retries=0)
-    with pytest.raises(openai.PermissionDeniedError):
+    with pytest.raises(openai.PermissionDeniedError) as exc:
         bad.models.list()
+    assert "Jupyter token is missing or wrong" in exc.value.message and exc.value.type == "permission_error"
 
 
 def test_sigkill_restart_finds_the_same_engines(server, engines):
