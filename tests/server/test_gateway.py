@@ -6,6 +6,7 @@ import os
 import signal
 import time
 
+import psutil
 import pytest
 from tornado.httpclient import HTTPClientError
 
@@ -181,8 +182,26 @@ def jp_server_config(state_dir):
     }
 
 
+def upstream_connections(port: int) -> set[int]:
+    """Local ports of this process's (the server's) open connections to an engine's port."""
+    return {c.laddr.port for c in psutil.Process().net_connections("tcp")
+            if c.raddr and c.raddr.port == port and c.status == psutil.CONN_ESTABLISHED}
+
+
+async def test_streams_reuse_upstream_connections(jp_fetch, model_dir):
+    """Streams go over pooled keep-alive connections to the engine, not a new one per stream."""
+    chat = await start(jp_fetch, model_dir(1), name="chat")
+    body = {"stream": True, "messages": [], "max_tokens": 3}
+    seen = []
+    for _ in range(3):
+        resp = await jp_fetch("sage_nb", "v1", "chat", "completions", method="POST", body=json.dumps(body))
+        assert resp.code == 200 and b"[DONE]" in resp.body
+        seen.append(upstream_connections(chat["port"]))
+    assert len(seen[0]) == 1 and seen[0] == seen[1] == seen[2], seen
+
+
 async def test_client_disconnect_cancels_upstream(jp_fetch, jp_serverapp, jp_base_url, model_dir):
-    await start(jp_fetch, model_dir(1), name="chat")
+    chat = await start(jp_fetch, model_dir(1), name="chat")
     router = jp_serverapp.web_app.settings["sage_nb_router"]
     port, token = jp_serverapp.port, jp_serverapp.identity_provider.token
     body = json.dumps({"stream": True, "messages": []}).encode()
@@ -193,9 +212,11 @@ async def test_client_disconnect_cancels_upstream(jp_fetch, jp_serverapp, jp_bas
     assert b"200" in await reader.readline()
     await reader.readuntil(b"part1")
     assert sum(router.inflight.values()) == 1
+    assert len(upstream_connections(chat["port"])) == 1
     writer.transport.abort()  # the client goes away; 100 parts would take 5 s
     t0 = time.monotonic()
-    while sum(router.inflight.values()):
+    while sum(router.inflight.values()) or upstream_connections(chat["port"]):
+        # the engine learns of it by its connection closing: one kept in the pool would not tell it
         assert time.monotonic() - t0 < 2, "upstream request still running"
         await asyncio.sleep(0.05)
 
