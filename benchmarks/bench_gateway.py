@@ -1,14 +1,16 @@
-"""#1 Gateway overhead: one fast stub upstream reached directly, through sage_nb's gateway and
-through the LiteLLM proxy, with the same keep-alive client, interleaved cycles."""
+"""#1 Gateway overhead: one fast stub upstream reached directly, through sage_nb's gateway, a bare
+tornado proxy, vLLM's Rust router and the LiteLLM proxy, with the same keep-alive client, interleaved
+cycles."""
 
 from __future__ import annotations
 
 import asyncio
 import os
 import secrets
+import subprocess
 import sys
 
-from . import litellm_proxy
+from . import litellm_proxy, vllm_router
 from .common import (
     ROOT,
     Figure,
@@ -54,20 +56,14 @@ def run(s: Settings) -> dict:
                    Target("sage_nb", "127.0.0.1", server.port, f"{BASE}sage_nb/v1",
                           {"Authorization": f"token {TOKEN}"}),
                    Target("bare tornado", "127.0.0.1", bare_port, "/v1", {})]
-        ok, why = litellm_proxy.ensure(work / "litellm-install.log")
-        if ok:
-            port = free_port()
-            proxy = litellm_proxy.start(port, stub_port, key, SERVED, work / "litellm")
-            procs.append(proxy)
-            try:
-                wait_until(lambda: proxy.poll() is None and http_get(
-                    f"http://127.0.0.1:{port}/health/liveliness")[0] == 200, 180, 0.1, "litellm proxy up")
-                targets.append(Target("litellm", "127.0.0.1", port, "/v1",
-                                      {"Authorization": f"Bearer {litellm_proxy.KEY}"}))
-            except TimeoutError:
-                why = f"the LiteLLM proxy did not start (log: {work / 'litellm' / 'litellm.log'})"
-        if why:
-            raw["skipped"]["litellm"] = why
+        # the router passes the client's key through to the stub; LiteLLM checks its own master key
+        _add_peer(targets, procs, raw, "vllm-router", vllm_router.ensure, work / "vllm-router-install.log",
+                  lambda port: vllm_router.start(port, stub_port, key, work / "vllm-router"),
+                  vllm_router.ready, 60, work / "vllm-router" / "router.log", key)
+        _add_peer(targets, procs, raw, "litellm", litellm_proxy.ensure, work / "litellm-install.log",
+                  lambda port: litellm_proxy.start(port, stub_port, key, SERVED, work / "litellm"),
+                  lambda port: http_get(f"http://127.0.0.1:{port}/health/liveliness")[0] == 200, 180,
+                  work / "litellm" / "litellm.log", litellm_proxy.KEY)
         raw.update(_run_async(_measure(s, targets)))
     finally:
         if server:
@@ -75,6 +71,27 @@ def run(s: Settings) -> dict:
         for p in procs:
             kill_group(p)
     return {"figures": figures(raw), "raw": raw}
+
+
+def _add_peer(targets: list[Target], procs: list, raw: dict, name: str, ensure, install_log, start, ready,
+              timeout: float, log, client_key: str) -> None:
+    """Install (first use), start and await a peer gateway in its side venv and add it to ``targets``;
+    when it cannot install or start, ``raw["skipped"][name]`` says why and the run goes on without it."""
+    try:
+        ok, why = ensure(install_log)
+        if ok:
+            port = free_port()
+            proc = start(port)
+            procs.append(proc)
+            wait_until(lambda: proc.poll() is not None or ready(port), timeout, 0.1, f"{name} up")
+            if proc.poll() is not None:
+                ok, why = False, f"{name} exited with status {proc.returncode} (log: {log})"
+            else:
+                targets.append(Target(name, "127.0.0.1", port, "/v1", {"Authorization": f"Bearer {client_key}"}))
+    except (OSError, subprocess.SubprocessError, TimeoutError) as e:
+        ok, why = False, f"{name} did not start: {e} (log: {log})"
+    if not ok:
+        raw["skipped"][name] = why
 
 
 def _run_async(coro):
@@ -120,7 +137,7 @@ def figures(raw: dict) -> list[Figure]:
     # the project's goals (docs/design.md), judged here; the looser and stretch bars are in the labels
     goals = {"sage_nb": {"p50": ("<= +0.5 ms", 0.5), "p99": ("<= +1 ms (looser bar: +2 ms)", 1.0),
                          "ttfc": ("<= +0.7 ms", 0.7), "rps": (">= 0.2x (stretch: 0.8x)", 0.2)}}
-    for name in ("sage_nb", "bare tornado", "litellm"):
+    for name in ("sage_nb", "bare tornado", "vllm-router", "litellm"):
         g = m.get(name)
         if not g:
             continue
@@ -135,7 +152,8 @@ def figures(raw: dict) -> list[Figure]:
         text, limit = goal.get("rps", ("", None))
         figs.append(Figure(f"{name}: throughput at c=32", g["rps"], d["rps"], "req/s", "ratio", "direct", text,
                            None if limit is None else g["rps"] / d["rps"] >= limit))
-    for ref, label in (("litellm", "LiteLLM"), ("bare tornado", "the bare tornado proxy")):
+    for ref, label in (("litellm", "LiteLLM"), ("bare tornado", "the bare tornado proxy"),
+                       ("vllm-router", "vLLM's router")):
         if "sage_nb" in m and ref in m:
             for key in ("p50", "p99", "ttfc"):
                 figs.append(Figure(f"sage_nb's added {key} as a fraction of {label}'s", m["sage_nb"][key] - d[key],
