@@ -70,6 +70,7 @@ def serve(args) -> str:
         spy.wait(args.seconds + 30)
         direct = bench_once(work, tiny, f"http://127.0.0.1:{engine['port']}", cp.api_key("tiny"), args.endpoint,
                             args.concurrency, 64)
+        shutil.copy(out, Path(tempfile.gettempdir()) / "sage-prof-raw.txt")  # py-spy's stacks, for a closer look
         lines = [f"gateway run {i}: {r}" for i, r in enumerate(runs)] + [f"direct: {direct}"]
         return "\n".join(lines) + "\n\n" + summarize(out)
     finally:

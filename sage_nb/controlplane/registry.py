@@ -293,6 +293,11 @@ class Registry:
             raise
         self._commits += 1
 
+    @property
+    def commits(self) -> int:
+        """Commits made through this object (by any of its threads) so far."""
+        return self._commits
+
     def version(self) -> tuple[int, int]:
         """Changes whenever any process commits to the registry (cheap: no table is read)."""
         return self._conn().execute("PRAGMA data_version").fetchone()[0], self._commits

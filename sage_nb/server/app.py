@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import gc
 import json
 import logging
 from pathlib import Path
@@ -50,6 +51,11 @@ class SageNBApp(ExtensionApp, SettingTraits):
     load_other_extensions = True
 
     request_timeout = Float(600.0, help="Seconds the gateway waits for an engine's answer.").tag(config=True)
+    freeze_gc = Bool(
+        True, help="Once the server has started, move every object it holds out of reach of Python's "
+                   "full garbage collections (gc.freeze). A full collection of a Jupyter server scans "
+                   "some 230,000 long-lived objects and stalls every request and stream for 0.2-0.3 s, "
+                   "several times a minute under gateway load.").tag(config=True)
     stop_engines_on_shutdown = Bool(
         False, help="Stop every engine when the server stops (default: they keep running and "
                     "are re-attached at the next start).").tag(config=True)
@@ -76,11 +82,13 @@ class SageNBApp(ExtensionApp, SettingTraits):
             "sage_nb_request_timeout": self.request_timeout,
         })
         self.discovery: asyncio.Future | None = None
+        self.frozen = 0  # objects exempted from garbage collection once the server was up
         for logger in {self.log, self.serverapp.log, logging.getLogger("tornado")}:
             drop_unseen_records(logger)
 
     async def _start_jupyter_server_extension(self, serverapp) -> None:
         """Discovery runs off the event loop as soon as the server's loop runs."""
+        route_first(serverapp.web_app, {h[1] for h in self.handlers})
         self.discovery = asyncio.get_running_loop().run_in_executor(None, self.control_plane.discover)
         asyncio.ensure_future(self._report_discovery())
 
@@ -90,6 +98,9 @@ class SageNBApp(ExtensionApp, SettingTraits):
         except Exception:
             self.log.exception("sage_nb: discovery failed")
             return
+        finally:
+            if self.freeze_gc:  # the server is up by now: what it holds lives as long as it does
+                self.frozen = freeze_long_lived()
         self.log.info("sage_nb: registry %s; discovery %s", self.control_plane.settings.db_path,
                       json.dumps({k: len(v) for k, v in report.items()}))
         if report["orphans"]:
@@ -110,6 +121,30 @@ class SageNBApp(ExtensionApp, SettingTraits):
             self.log.info("sage_nb: stopped %d engine(s) at shutdown%s", len(report["stopped"]),
                           f"; could not stop: {report['failed']}" if report["failed"] else "")
         cp.close()
+
+
+def freeze_long_lived() -> int:
+    """Collect once, then exempt every surviving object from later collections (``gc.freeze``).
+    Returns how many objects were frozen."""
+    gc.collect()
+    gc.freeze()
+    return gc.get_freeze_count()
+
+
+def route_first(web_app, handler_classes: set[type]) -> None:
+    """Put the rule group holding sage_nb's handlers first in the server's router.
+
+    tornado tries each extension's group in the order they were added, and each group's patterns
+    one by one: a gateway request used to be matched against every Jupyter and JupyterLab route
+    first (6% of the server's time under load). Every sage_nb pattern lies under ``sage_nb/``, so
+    going first shadows nothing; any other path falls through to the groups after it.
+    """
+    rules = web_app.default_router.rules
+    for rule in list(rules):
+        inner = getattr(rule.target, "rules", None)
+        if inner and any(r.target in handler_classes for r in inner):
+            rules.remove(rule)
+            rules.insert(0, rule)
 
 
 def drop_unseen_records(logger: logging.Logger) -> None:

@@ -1,3 +1,4 @@
+import time
 from collections import Counter
 
 import pytest
@@ -39,3 +40,18 @@ def test_by_name_path_or_id_never_by_port_and_errors(router):
         router.pick("llm", "18000")
     with pytest.raises(NoBackend, match="No embedding backend"):
         router.pick("embedding", exclude=frozenset({"id3"}))
+
+
+def test_own_changes_route_at_once_and_another_process_within_recheck(router, tmp_path):
+    from sage_nb.controlplane import router as router_mod
+
+    assert router.is_ready("id0")
+    router.registry.update("id0", state="stopping")  # this process's own commit: seen by the next pick
+    assert not router.is_ready("id0")
+    other = Registry(tmp_path / "r.db")  # another process's view of the same registry
+    other.update("id1", state="stopping")
+    deadline = time.monotonic() + router_mod.RECHECK_S * 20
+    while router.is_ready("id1"):
+        assert time.monotonic() < deadline, "another process's change never reached the router"
+        time.sleep(0.005)
+    assert {e.id for e in router.ready_engines()} == {"id2", "id3"}
