@@ -51,6 +51,11 @@ class SageNBApp(ExtensionApp, SettingTraits):
     load_other_extensions = True
 
     request_timeout = Float(600.0, help="Seconds the gateway waits for an engine's answer.").tag(config=True)
+    open_tokenizer = Bool(
+        False, help="Serve sage_nb/tokenize and sage_nb/detokenize without the Jupyter token, as vLLM "
+                    "serves its own (its --api-key guards /v1 only). `vllm bench serve` sends no key "
+                    "when it aligns its prompts through them; anyone who can reach the server can "
+                    "then tokenize text on its engines and learn their served names.").tag(config=True)
     freeze_gc = Bool(
         True, help="Once the server has started, move every object it holds out of reach of Python's "
                    "full garbage collections (gc.freeze). A full collection of a Jupyter server scans "
@@ -80,6 +85,7 @@ class SageNBApp(ExtensionApp, SettingTraits):
             "sage_nb_watchdog": self.watchdog,
             "sage_nb_upstream": Upstream(),
             "sage_nb_request_timeout": self.request_timeout,
+            "sage_nb_open_tokenizer": self.open_tokenizer,
         })
         self.discovery: asyncio.Future | None = None
         self.frozen = 0  # objects exempted from garbage collection once the server was up

@@ -14,7 +14,7 @@ import logging
 import time
 
 import aiohttp
-from jupyter_server.auth.decorator import authorized
+from jupyter_server.auth.decorator import allow_unauthenticated, authorized
 from tornado import web
 from tornado.ioloop import PeriodicCallback
 
@@ -29,6 +29,7 @@ log = logging.getLogger("sage_nb.gateway")
 ROUTES = {"v1/chat/completions": ("llm", "/v1/chat/completions"), "v1/completions": ("llm", "/v1/completions"),
           "v1/embeddings": ("embedding", "/v1/embeddings"),
           "tokenize": (None, "/tokenize"), "detokenize": (None, "/detokenize")}  # vLLM serves these at its root
+TOKENIZER_ROUTES = ("tokenize", "detokenize")
 WATCH_INTERVAL = 1.0  # seconds between checks that the engine of an in-flight request is still ready
 PASS_HEADERS = ("Content-Type", "Cache-Control", "X-Request-Id")
 
@@ -105,6 +106,10 @@ class ProxyHandler(GatewayHandler):
     @web.authenticated
     @authorized
     async def post(self) -> None:
+        await self.proxy()
+
+    async def proxy(self) -> None:
+        """Route the request's body to an engine and pass its answer back."""
         body = self.json_body()
         model = body.get("model")
         if model is not None and not isinstance(model, str):
@@ -214,7 +219,28 @@ class ProxyHandler(GatewayHandler):
                 self.set_header(name, headers[name])
 
 
+class TokenizeHandler(ProxyHandler):
+    """``tokenize`` and ``detokenize``: with the token like every route, unless the server opens them
+    (``SageNBApp.open_tokenizer``) as vLLM does its own — its ``--api-key`` guards ``/v1`` only, and
+    ``vllm bench serve`` sends no key when it aligns its prompts through them."""
+
+    def _open(self) -> bool:
+        return self.settings["sage_nb_open_tokenizer"]
+
+    def check_xsrf_cookie(self) -> None:
+        if not self._open():  # an open route changes nothing: no cross-site request to guard against
+            super().check_xsrf_cookie()
+
+    @allow_unauthenticated
+    async def post(self) -> None:
+        if self._open():
+            await self.proxy()
+        else:
+            await super().post()
+
+
 GATEWAY_HANDLERS = [
     (r"/sage_nb/v1/models/?", ModelsHandler),
-    *[(rf"/sage_nb/{route}/?", ProxyHandler, {"route": route}) for route in ROUTES],
+    *[(rf"/sage_nb/{route}/?", TokenizeHandler if route in TOKENIZER_ROUTES else ProxyHandler, {"route": route})
+      for route in ROUTES],
 ]

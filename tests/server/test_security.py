@@ -83,3 +83,42 @@ def test_direct_call_to_an_engine_without_its_key_is_401(server):
             urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=10)
         assert exc.value.code == 401
     assert os.environ.get("VLLM_API_KEY") is None  # the test process never saw a key either
+
+
+def tokenize(server: Server, route: str, body: dict, headers: dict) -> tuple[int, dict]:
+    req = urllib.request.Request(server.url + f"sage_nb/{route}", data=json.dumps(body).encode(), method="POST",
+                                 headers={"Content-Type": "application/json", **headers})
+    try:
+        with urllib.request.urlopen(req, timeout=30) as resp:
+            return resp.status, json.loads(resp.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+def test_tokenizer_needs_the_token_by_default(server):
+    body = {"model": "secret-keeper", "prompt": "hi"}
+    code, reply = tokenize(server, "tokenize", body, {})
+    assert code == 403 and "token" in reply["error"]["message"]
+    code, reply = tokenize(server, "tokenize", body, {"Authorization": f"Bearer {TOKEN}"})
+    assert code == 200 and len(reply["tokens"]) == 2
+
+
+def test_open_tokenizer_serves_tokenize_without_the_token_and_nothing_else(tmp_path):
+    """As vLLM serves its own (``vllm bench serve`` sends no key there); every other route still
+    needs the token."""
+    with running_server(tmp_path, (18200, 18219), stub_engines=True,
+                        extra_args=("--SageNBApp.open_tokenizer=True",)) as srv:
+        code, e = srv.request("POST", "sage_nb/api/engines", {"model": stub_model(srv.root), "name": "tok"})
+        wait_ready(srv, e["id"])
+        code, reply = tokenize(srv, "tokenize", {"model": "tok", "prompt": "hey"}, {})
+        assert code == 200 and len(reply["tokens"]) == 3
+        code, reply = tokenize(srv, "detokenize", {"model": "tok", "tokens": reply["tokens"]}, {})
+        assert code == 200 and reply["prompt"] == "hey"
+        opener, _ = browser(srv)  # a browser's cookie without the XSRF token: nothing to forge here
+        assert post(opener, srv.url + "sage_nb/tokenize", {"model": "tok", "prompt": "x"}, {}) == 200
+        for route, body in (("v1/chat/completions", {"messages": []}), ("v1/completions", {"prompt": "x"}),
+                            ("v1/embeddings", {"input": "x"})):
+            code, reply = tokenize(srv, route, body, {})
+            assert code == 403 and "token" in reply["error"]["message"], route
+        code, reply = tokenize(srv, "tokenize", {"model": "nope", "prompt": "x"}, {})
+        assert code == 404  # errors as with the token
