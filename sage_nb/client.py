@@ -4,6 +4,7 @@
     oa = client.llm()                      # openai.OpenAI for an LLM backend
     oa.chat.completions.create(model=oa.model, messages=[...])
     client.embeddings().embeddings.create(model=..., input=[...])
+    client.langchain_chat(); client.langchain_embeddings()   # LangChain (pip install langchain-openai)
 
 The kernel talks to its Jupyter server's sage_nb extension when one is reachable and
 otherwise runs the same control plane in-process (embedded mode).
@@ -13,8 +14,8 @@ from __future__ import annotations
 
 from sage_nb.kernel.client import Client, get_client, set_client
 
-__all__ = ["Client", "backends", "embeddings", "engines", "get_client", "llm", "prune", "set_client",
-           "start", "stop"]
+__all__ = ["Client", "backends", "embeddings", "engines", "get_client", "langchain_chat", "langchain_embeddings",
+           "llm", "prune", "set_client", "start", "stop"]
 
 
 def llm(model: str | None = None):
@@ -25,6 +26,16 @@ def llm(model: str | None = None):
 def embeddings(model: str | None = None):
     """An ``openai.OpenAI`` for an embedding backend; its ``.model`` is the served name."""
     return get_client().embeddings(model)
+
+
+def langchain_chat(model: str | None = None, **kwargs):
+    """A LangChain ``ChatOpenAI`` for an LLM backend (needs ``pip install langchain-openai``)."""
+    return get_client().langchain_chat(model, **kwargs)
+
+
+def langchain_embeddings(model: str | None = None, **kwargs):
+    """A LangChain ``OpenAIEmbeddings`` for an embedding backend that sends raw strings, not tiktoken ids."""
+    return get_client().langchain_embeddings(model, **kwargs)
 
 
 def backends() -> dict:

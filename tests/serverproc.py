@@ -26,11 +26,11 @@ def free_port() -> int:
 class Server:
     """A jupyter server subprocess with the sage_nb extension enabled."""
 
-    def __init__(self, root, state_dir, port, port_range=(18900, 18949), extra_args=(), adopt=False):
-        self.root, self.state_dir, self.port, self.proc = root, state_dir, port, None
+    def __init__(self, root, state_dir, port, port_range=(18900, 18949), extra_args=(), adopt=False, base=BASE):
+        self.root, self.state_dir, self.port, self.proc, self.base = root, state_dir, port, None, base
         self.port_range, self.extra_args = port_range, list(extra_args)
         self.adopt = adopt  # tests see only their own engines, not other vLLM servers of this user
-        self.url = f"http://127.0.0.1:{port}{BASE}"
+        self.url = f"http://127.0.0.1:{port}{base}"
 
     def start(self) -> None:
         env = {**os.environ, "JUPYTER_CONFIG_DIR": str(self.root / "cfg"),
@@ -41,7 +41,7 @@ class Server:
         self.log = open(self.root / f"server-{time.time():.0f}.log", "wb")  # noqa: SIM115
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "jupyter_server", "--no-browser", "--allow-root", f"--port={self.port}",
-             "--ip=127.0.0.1", f"--ServerApp.base_url={BASE}", f"--IdentityProvider.token={TOKEN}",
+             "--ip=127.0.0.1", f"--ServerApp.base_url={self.base}", f"--IdentityProvider.token={TOKEN}",
              "--ServerApp.jpserver_extensions={'sage_nb': True}",
              f"--SageNBApp.state_dir={self.state_dir}", *self.extra_args],
             env=env, stdout=self.log, stderr=subprocess.STDOUT, cwd=self.root)
@@ -96,7 +96,7 @@ def stub_model(root) -> str:
 
 
 @contextmanager
-def running_server(root, port_range=(18900, 18949), stub_engines=False, extra_args=()):
+def running_server(root, port_range=(18900, 18949), stub_engines=False, extra_args=(), base=BASE):
     """A started server; afterwards it is killed and no process of its engines is left."""
     from sage_nb.controlplane import ControlPlane
     from sage_nb.controlplane.process import group_members
@@ -106,7 +106,7 @@ def running_server(root, port_range=(18900, 18949), stub_engines=False, extra_ar
     args = list(extra_args)
     if stub_engines:
         args.append(f"--SageNBApp.engine_env={json.dumps({'PYTHONPATH': STUB_PATH})}")
-    server = Server(root, root / "state", free_port(), port_range=port_range, extra_args=args)
+    server = Server(root, root / "state", free_port(), port_range=port_range, extra_args=args, base=base)
     server.start()
     try:
         yield server

@@ -2,7 +2,8 @@
 same control plane embedded in this process when no server with the extension is reachable).
 
 ``llm()`` and ``embeddings()`` return ready ``openai.OpenAI`` objects chosen by kind from the
-backends (never by port); the chosen served name is their ``.model`` attribute. The kernel's
+backends (never by port); the chosen served name is their ``.model`` attribute.
+``langchain_chat()`` and ``langchain_embeddings()`` do the same for LangChain. The kernel's
 shared client is :func:`get_client` (``sage_nb.client`` re-exports these functions).
 """
 
@@ -16,6 +17,7 @@ from collections.abc import Callable
 from sage_nb.controlplane import ControlPlane, EngineFailed, EngineState, LaunchRequest, validation
 from sage_nb.controlplane.router import BackendIndex
 
+from . import integrations
 from .connection import ServerInfo
 from .transport import Transport, connect
 
@@ -147,6 +149,27 @@ class Client:
     def embeddings(self, model: str | None = None):
         """An ``openai.OpenAI`` for an embedding backend (``client.model`` names it)."""
         return self.openai("embedding", model)
+
+    # -------------------------------------------------------------- LangChain (langchain-openai, not a dependency)
+    def langchain_chat(self, model: str | None = None, **kwargs):
+        """A ``langchain_openai.ChatOpenAI`` for an LLM backend (chosen like :meth:`llm`); ``kwargs``
+        go to ``ChatOpenAI`` (``temperature``, ``max_tokens``, ...)."""
+        integrations.langchain_openai()  # a missing package is said before any request
+        chosen = self.backend("llm", model)
+        base_url, api_key = self.transport.endpoint(chosen)
+        return integrations.chat_model(base_url, api_key, chosen["served_model_name"], **kwargs)
+
+    def langchain_embeddings(self, model: str | None = None, **kwargs):
+        """A ``langchain_openai.OpenAIEmbeddings`` for an embedding backend that sends raw strings
+        (``check_embedding_ctx_length=False``: never OpenAI's tiktoken ids); ``kwargs`` pass through."""
+        integrations.langchain_openai()  # a missing package is said before any request
+        chosen = self.backend("embedding", model)
+        base_url, api_key = self.transport.endpoint(chosen)
+        return integrations.embeddings_model(base_url, api_key, chosen["served_model_name"], **kwargs)
+
+    def gateway_url(self) -> str | None:
+        """The gateway's OpenAI base URL (``<server>/sage_nb/v1``), or ``None`` without a server."""
+        return self.server.api("sage_nb/v1") if self.server is not None else None
 
 
 # ---------------------------------------------------------------------- the kernel's shared client

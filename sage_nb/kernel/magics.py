@@ -90,7 +90,7 @@ class LLMMagics(Magics):
         return views.engines_table(self.client.engines())
 
     def _cmd_backends(self, args):
-        return views.backends_table(self.client.backends())
+        return views.backends_table(self.client.backends(), self.client.gateway_url())
 
     def _cmd_gpus(self, args):
         return views.gpus_table(self.client.gpus())

@@ -7,6 +7,8 @@ import time
 
 from sage_nb.controlplane.state import EngineState
 
+from .integrations import jupyter_ai_lines
+
 
 class Table:
     """Rows under a title; ``_repr_html_`` in notebooks, aligned columns as text."""
@@ -34,7 +36,7 @@ class Table:
                        + "</tr>" for r in self.rows)
         if not self.rows:
             body = f"<tr><td colspan='{len(self.columns)}'><i>{html.escape(self.empty)}</i></td></tr>"
-        foot = f"<div>{html.escape(self.footer)}</div>" if self.footer else ""
+        foot = f"<div style='white-space:pre-wrap'>{html.escape(self.footer)}</div>" if self.footer else ""
         return (f"<div class='sage-nb-table'><b>{html.escape(self.title)}</b><table><thead><tr>{head}</tr>"
                 f"</thead><tbody>{body}</tbody></table>{foot}</div>")
 
@@ -53,11 +55,13 @@ def engines_table(engines: list[dict], title: str = "sage_nb engines") -> Table:
                  empty="no engines — start one with %llm start <model>")
 
 
-def backends_table(backends: dict) -> Table:
+def backends_table(backends: dict, gateway_url: str | None = None) -> Table:
+    """The ready backends; with the gateway's URL (server mode), the lines to use each LLM from jupyter-ai."""
     rows = [[b["kind"], b["served_model_name"], b["name"], b["id"], b["base_url"]]
             for b in backends["llm_backends"] + backends["embedding_backends"]]
+    hint = jupyter_ai_lines(gateway_url, backends["llm_backends"]) if gateway_url else []
     return Table("sage_nb backends", ["kind", "model", "engine", "id", "engine url"], rows,
-                 empty="no ready backends — start one with %llm start <model>")
+                 empty="no ready backends — start one with %llm start <model>", footer="\n".join(hint) or None)
 
 
 def gpus_table(report: dict) -> Table:

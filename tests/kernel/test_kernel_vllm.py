@@ -101,6 +101,7 @@ def test_magics_and_client_in_a_real_kernel(world):
         out, reply = execute(kc, "%llm backends")
         assert reply["status"] == "ok" and "tiny" in text_of(out)
         assert any("text/html" in o.get("data", {}) for o in out)
+        assert f'%%ai openai-chat-custom:tiny -m {{"openai_api_base":"{server.url}sage_nb/v1"}}' in text_of(out)
         out, reply = execute(kc, f"%llm start {world['minilm']} --embedding --name mini")
         assert reply["status"] == "ok", text_of(out)
         phases = [o["data"]["text/markdown"] for o in out if o["type"] in ("display_data", "update_display_data")]

@@ -133,3 +133,24 @@ def test_client_picks_by_kind_never_by_port(shell, model_dir):
     assert json.loads(reply.model_dump_json())["data"][0]["embedding"] == [0.5, 0.5]
     with pytest.raises(Exception, match="'emb' is an embedding model"):
         default_client.llm("emb")
+
+
+def test_backends_show_the_jupyter_ai_lines_in_server_mode(shell):
+    from .test_integrations import EMB, LLM, GatewayTransport
+
+    magics = shell.magics_manager.registry["LLMMagics"]
+    magics._client = Client(transport=GatewayTransport([LLM, EMB]))
+    table = llm(shell, "backends")
+    text = repr(table)
+    assert "  %env OPENAI_API_KEY=<your Jupyter token>\n  %load_ext jupyter_ai_magics\n" in text
+    assert text.endswith('\n  %%ai openai-chat-custom:org/chat -m {"openai_api_base":'
+                         '"http://127.0.0.1:8888/a%40b/sage_nb/v1"}')
+    assert "tok" not in text.replace("token", "")  # the token itself is never shown
+    assert "white-space:pre-wrap" in table._repr_html_() and "%%ai openai-chat-custom:org/chat" in table._repr_html_()
+    magics._client = Client(transport=GatewayTransport([EMB]))  # no LLM: nothing to use from jupyter-ai
+    assert "jupyter" not in repr(llm(shell, "backends"))
+
+
+def test_backends_show_no_jupyter_ai_lines_in_embedded_mode(shell, model_dir):
+    llm(shell, f"start {model_dir(1)} --name chat")
+    assert "%%ai" not in repr(llm(shell, "backends"))  # no gateway without a server
