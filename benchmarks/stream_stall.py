@@ -43,6 +43,7 @@ def main() -> None:
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--freeze-last", action="store_true", help="the server without the freeze first")
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="sage-stall-"))
     cp = ControlPlane(state_dir=work / "state", port_range=(19800, 19899), use_nvml=False, fake_gpus=None,
@@ -50,7 +51,7 @@ def main() -> None:
     try:
         engine = cp.start_engine(tiny_model(), name="tiny", max_model_len=2048)
         direct = (f"http://127.0.0.1:{engine['port']}/v1", cp.api_key("tiny"))
-        for freeze in (True, False):
+        for freeze in (False, True) if args.freeze_last else (True, False):
             server = JServer(work / f"server-{freeze}", work / "state", (f"--SageNBApp.freeze_gc={freeze}",))
             server.start()
             try:
