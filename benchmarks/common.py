@@ -179,3 +179,33 @@ def wait_healthy(port: int, timeout: float = 60.0, interval: float = 0.02) -> fl
 
 def ms(seconds: float) -> float:
     return seconds * 1000.0
+
+
+def installed_version(venv: Path, dist: str) -> str | None:
+    """The version of ``dist`` in the side venv ``venv`` (``None`` when there is none)."""
+    py = venv / "bin" / "python"
+    if not py.exists():
+        return None
+    out = subprocess.run([str(py), "-c", f"import importlib.metadata as m; print(m.version({dist!r}))"],
+                         capture_output=True, text=True, timeout=60)
+    return out.stdout.strip() or None
+
+
+def ensure_side_venv(venv: Path, dist: str, requirement: str, version: str, log: Path) -> tuple[bool, str]:
+    """``(usable, why_not)``: ``requirement`` (pinned to ``version``) installed into the side venv
+    ``venv`` on first use, never into the project's own."""
+    if installed_version(venv, dist) == version:
+        return True, ""
+    try:
+        with open(log, "ab") as f:
+            if not (venv / "bin" / "python").exists():
+                subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True,
+                               stdout=f, stderr=subprocess.STDOUT, timeout=120)
+                subprocess.run([str(venv / "bin" / "python"), "-m", "ensurepip"], check=True,
+                               stdout=f, stderr=subprocess.STDOUT, timeout=300)
+            subprocess.run([str(venv / "bin" / "python"), "-m", "pip", "install", "-q", requirement],
+                           check=True, stdout=f, stderr=subprocess.STDOUT, timeout=900)
+    except (OSError, subprocess.SubprocessError) as e:
+        return False, f"could not install {requirement} into {venv}: {e} (log: {log})"
+    found = installed_version(venv, dist)
+    return found == version, "" if found == version else f"installed {dist} is {found}, not {version}"

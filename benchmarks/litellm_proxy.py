@@ -9,10 +9,9 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
-from .common import spawn
+from .common import ensure_side_venv, spawn
 
 VERSION = "1.108.7"
 VENV = Path(__file__).resolve().parent / ".venv-litellm"
@@ -20,33 +19,9 @@ BIN = VENV / "bin" / "litellm"
 KEY = "sk-bench-" + "5e1f" * 16  # the proxy's master key (it refuses to start without one)
 
 
-def installed_version() -> str | None:
-    py = VENV / "bin" / "python"
-    if not BIN.exists() or not py.exists():
-        return None
-    out = subprocess.run([str(py), "-c", "import importlib.metadata as m; print(m.version('litellm'))"],
-                         capture_output=True, text=True, timeout=60)
-    return out.stdout.strip() or None
-
-
 def ensure(log: Path) -> tuple[bool, str]:
-    """``(usable, why_not)``; installs the pinned proxy into its side venv on first use."""
-    if installed_version() == VERSION:
-        return True, ""
-    try:
-        with open(log, "ab") as f:
-            if not (VENV / "bin" / "python").exists():
-                subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(VENV)], check=True,
-                               stdout=f, stderr=subprocess.STDOUT, timeout=120)
-                subprocess.run([str(VENV / "bin" / "python"), "-m", "ensurepip"], check=True,
-                               stdout=f, stderr=subprocess.STDOUT, timeout=300)
-            subprocess.run([str(VENV / "bin" / "python"), "-m", "pip", "install", "-q",
-                            f"litellm[proxy]=={VERSION}"], check=True, stdout=f, stderr=subprocess.STDOUT,
-                           timeout=900)
-    except (OSError, subprocess.SubprocessError) as e:
-        return False, f"could not install litellm[proxy]=={VERSION} into {VENV}: {e} (log: {log})"
-    version = installed_version()
-    return version == VERSION, "" if version == VERSION else f"installed litellm is {version}, not {VERSION}"
+    """``(usable, why_not)``; installs the pinned litellm into its side venv on first use."""
+    return ensure_side_venv(VENV, "litellm", f"litellm[proxy]=={VERSION}", VERSION, log)
 
 
 def start(port: int, upstream_port: int, upstream_key: str, served: str, workdir: Path) -> subprocess.Popen:

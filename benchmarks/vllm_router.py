@@ -11,43 +11,18 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 from pathlib import Path
 
-from .common import free_port, http_get, spawn
+from .common import ensure_side_venv, free_port, http_get, spawn
 
 VERSION = "0.1.17"
 VENV = Path(__file__).resolve().parent / ".venv-vllm-router"
 BIN = VENV / "bin" / "vllm-router"
 
 
-def installed_version() -> str | None:
-    py = VENV / "bin" / "python"
-    if not BIN.exists() or not py.exists():
-        return None
-    out = subprocess.run([str(py), "-c", "import importlib.metadata as m; print(m.version('vllm-router'))"],
-                         capture_output=True, text=True, timeout=60)
-    return out.stdout.strip() or None
-
-
 def ensure(log: Path) -> tuple[bool, str]:
-    """``(usable, why_not)``; installs the pinned router into its side venv on first use."""
-    if installed_version() == VERSION:
-        return True, ""
-    try:
-        with open(log, "ab") as f:
-            if not (VENV / "bin" / "python").exists():
-                subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(VENV)], check=True,
-                               stdout=f, stderr=subprocess.STDOUT, timeout=120)
-                subprocess.run([str(VENV / "bin" / "python"), "-m", "ensurepip"], check=True,
-                               stdout=f, stderr=subprocess.STDOUT, timeout=300)
-            subprocess.run([str(VENV / "bin" / "python"), "-m", "pip", "install", "-q",
-                            f"vllm-router=={VERSION}"], check=True, stdout=f, stderr=subprocess.STDOUT,
-                           timeout=900)
-    except (OSError, subprocess.SubprocessError) as e:
-        return False, f"could not install vllm-router=={VERSION} into {VENV}: {e} (log: {log})"
-    version = installed_version()
-    return version == VERSION, "" if version == VERSION else f"installed vllm-router is {version}, not {VERSION}"
+    """``(usable, why_not)``; installs the pinned vllm-router into its side venv on first use."""
+    return ensure_side_venv(VENV, "vllm-router", f"vllm-router=={VERSION}", VERSION, log)
 
 
 def command(port: int, upstream_port: int, upstream_key: str) -> list[str]:
