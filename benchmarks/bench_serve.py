@@ -4,6 +4,9 @@ every prompt at once), chat and completions. Run twice: unpinned (engine, server
 both cores), and pinned (the engine's processes on core 0, the server and the client on core 1), so
 contention for the cores and the gateway's own cost are told apart.
 
+vLLM's own Rust router (``vllm-router``, side venv) runs in front of the same engine as a third
+target, pinned with the server: the measure of a compiled data path before choosing one.
+
 Reported per case: request throughput (gateway / direct), median TTFT (gateway − direct), median
 TPOT and ITL, and the share of inter-token gaps under 0.1 ms (tokens that arrive in bursts rather
 than one by one).
@@ -21,7 +24,7 @@ from pathlib import Path
 from sage_nb.controlplane import ControlPlane
 from sage_nb.controlplane.process import group_members
 
-from .common import Figure, Settings, interleave, median
+from .common import Figure, Settings, free_port, interleave, kill_group, median, wait_until
 from .jserver import TOKEN, JServer
 
 MAX_LEN = 2048
@@ -41,6 +44,7 @@ def run(s: Settings) -> dict:
                       adopt_unrecorded=False)
     server = JServer(root / "server", state)
     raw: dict = {}
+    router = None
     try:
         tiny = tiny_model()
         engine = cp.start_engine(tiny, name="tiny", max_model_len=MAX_LEN)
@@ -48,12 +52,16 @@ def run(s: Settings) -> dict:
         server.wait_backends({"tiny"}, timeout=120)
         targets = {"direct": (f"http://127.0.0.1:{engine['port']}", cp.api_key("tiny")),
                    "gateway": (server.url + "sage_nb", TOKEN)}
+        router = start_router(root, engine["port"], cp.api_key("tiny"), raw)
+        if router is not None:  # vLLM's Rust router on the same engine: the compiled data path, measured
+            targets["vllm-router"] = (f"http://127.0.0.1:{router[1]}", cp.api_key("tiny"))
         prompts = s.pick(64, 32)
         for mode in ("unpinned", "pinned"):
             if mode == "pinned" and len(cpus) < 2:
                 continue
             pin(engine_pids(engine), ENGINE_CORE if mode == "pinned" else cpus)
-            pin(tree(server.proc.pid) | {os.getpid()}, SERVER_CORE if mode == "pinned" else cpus)
+            side = tree(server.proc.pid) | {os.getpid()} | (tree(router[0].pid) if router else set())
+            pin(side, SERVER_CORE if mode == "pinned" else cpus)
             cases = {}
             for ep in ENDPOINTS:
                 for c in CONCURRENCY:
@@ -64,10 +72,32 @@ def run(s: Settings) -> dict:
             raw[mode] = interleave(s.pick(2, 1), cases)
         pin({os.getpid()}, cpus)
     finally:
+        if router is not None:
+            kill_group(router[0])
         server.stop()
         cp.stop_all()
         cp.close()
     return {"figures": figures(raw), "raw": raw}
+
+
+def start_router(root: Path, engine_port: int, key: str, raw: dict):
+    """``(process, port)`` of vLLM's router in front of the engine, or ``None`` (why in ``raw``)."""
+    from . import vllm_router
+
+    root.mkdir(parents=True, exist_ok=True)
+    ok, why = vllm_router.ensure(root / "vllm-router-install.log")
+    if not ok:
+        raw["skipped"] = {"vllm-router": why}
+        return None
+    port = free_port()
+    proc = vllm_router.start(port, engine_port, key, root)
+    try:
+        wait_until(lambda: vllm_router.ready(port), 60, 0.1, "vllm-router up")
+    except Exception as e:
+        kill_group(proc)
+        raw["skipped"] = {"vllm-router": f"did not start: {e}"}
+        return None
+    return proc, port
 
 
 def bench_once(root: Path, tokenizer: str, base_url: str, key: str, endpoint: str, concurrency: int,
@@ -122,6 +152,8 @@ def pin(pids: set[int], cpus: set[int]) -> None:
 def figures(raw: dict) -> list[Figure]:
     figs = []
     for mode, cycles in raw.items():
+        if mode == "skipped":
+            continue
         m = {case: {k: median([r[k] for r in runs]) for k in runs[0]} for case, runs in cycles.items()}
         for ep in ENDPOINTS:
             for c in CONCURRENCY:
@@ -140,4 +172,11 @@ def figures(raw: dict) -> list[Figure]:
                                         f"{g['p99_itl_ms']:.2f} vs {d['p99_itl_ms']:.2f} ms; gaps under 0.1 ms "
                                         f"(bursts) {g['burst_share']:.0%} vs {d['burst_share']:.0%}; failed "
                                         f"{g['failed']:.0f} vs {d['failed']:.0f}"))
+                r = m.get(f"{ep} c={c} vllm-router")
+                if r is not None:
+                    figs.append(Figure(f"{name}: requests/s through vLLM's router", r["rps"], d["rps"], "req/s",
+                                       "ratio", "direct"))
+                    figs.append(Figure(f"{name}: median TTFT through vLLM's router", r["ttft_ms"], d["ttft_ms"],
+                                       "ms", "diff", "direct",
+                                       note=f"bursts {r['burst_share']:.0%}; failed {r['failed']:.0f}"))
     return figs
