@@ -1,14 +1,20 @@
-"""Checks of caller input shared by every entry point (REST, magics, Python): integers, ports
-and engine names. Each rule is written here once."""
+"""Checks of caller input shared by every entry point (REST, magics, Python): integers, ports,
+engine names and durations. Each rule is written here once."""
 
 from __future__ import annotations
 
+import math
 import re
 
 from .errors import BadRequest
 
 ENGINE_NAME = r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}"  # also the REST path part of an engine id or name
 _NAME = re.compile(ENGINE_NAME)
+# a duration as Ollama's keep_alive takes it: "90", "45s", "10m", "1h30m", "2d"
+_DURATION = re.compile(r"(?:(\d+(?:\.\d+)?)([smhd]))+|\d+(?:\.\d+)?")
+_PART = re.compile(r"(\d+(?:\.\d+)?)([smhd])")
+_UNIT_S = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+MAX_DURATION_S = 366 * 86400
 
 
 def integer(name: str, value, minimum: int = 1, maximum: int | None = None) -> int:
@@ -55,3 +61,32 @@ def clean_name(text: str) -> str:
     base = text.rstrip("/").split("/")[-1]
     base = "".join(c if (c.isascii() and c.isalnum()) or c in "._-" else "-" for c in base)[:48].lstrip("._-")
     return base or "engine"
+
+
+def duration(name: str, value) -> float | None:
+    """Seconds from a number or a string such as ``"90"``, ``"45s"``, ``"10m"`` or ``"1h30m"``;
+    ``None`` for forever (``None``, ``-1``, ``"-1"``, ``"forever"``). Anything else — other
+    negatives, ``"abc"``, booleans, NaN, more than a year — is a :class:`BadRequest` naming it."""
+    if value is None or (isinstance(value, str) and value.strip().lower() in ("-1", "forever")):
+        return None
+    if isinstance(value, bool):
+        raise BadRequest(f"{name} must be seconds or a duration such as '10m', got {value!r}")
+    if isinstance(value, int | float):
+        seconds = float(value)
+        if seconds == -1:
+            return None
+    elif isinstance(value, str):
+        text = value.strip().lower()
+        if not _DURATION.fullmatch(text):
+            raise BadRequest(f"{name} must be seconds or a duration such as '30s', '10m', '1h30m' "
+                             f"(-1 for forever), got {value!r}")
+        parts = _PART.findall(text)
+        seconds = sum(float(n) * _UNIT_S[u] for n, u in parts) if parts else float(text)
+    else:
+        raise BadRequest(f"{name} must be seconds or a duration such as '10m', got {value!r}")
+    if math.isnan(seconds) or seconds < 0:
+        raise BadRequest(f"{name} must be at least 0 seconds (or -1 for forever), got {value!r}")
+    if seconds > MAX_DURATION_S:
+        raise BadRequest(f"{name} must be at most {MAX_DURATION_S // 86400} days (or -1 for forever), "
+                         f"got {value!r}")
+    return seconds

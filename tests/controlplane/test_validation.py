@@ -1,9 +1,9 @@
-"""The input rules every entry point shares: integers, ports, engine names."""
+"""The input rules every entry point shares: integers, ports, engine names, durations."""
 
 import pytest
 
 from sage_nb.controlplane import BadRequest
-from sage_nb.controlplane.validation import clean_name, engine_name, integer, is_engine_name, port
+from sage_nb.controlplane.validation import clean_name, duration, engine_name, integer, is_engine_name, port
 
 
 @pytest.mark.parametrize("text,name", [
@@ -32,3 +32,23 @@ def test_port_and_name():
     for bad in ("-a", "a b", "a/b", "x" * 65, None):
         with pytest.raises(BadRequest, match="invalid engine name"):
             engine_name(bad)
+
+
+@pytest.mark.parametrize("value,seconds", [
+    (0, 0.0), (15, 15.0), (2.5, 2.5), ("90", 90.0), ("45s", 45.0), ("10m", 600.0), ("1h", 3600.0),
+    ("1h30m", 5400.0), (" 2D ", 172800.0), ("0.5m", 30.0), (None, None), (-1, None), ("-1", None),
+    ("forever", None),
+])
+def test_durations(value, seconds):
+    assert duration("keep_alive", value) == seconds
+
+
+@pytest.mark.parametrize("value,why", [
+    ("abc", "duration such as"), (-5, "at least 0"), (1e99, "at most 366 days"), ("400d", "at most"),
+    (float("nan"), "at least 0"), (float("inf"), "at most"), (True, "seconds or"), ("10 m", "duration such as"),
+    ("m", "duration such as"), ("-5m", "duration such as"), ([10], "seconds or"), ("", "duration such as"),
+])
+def test_bad_durations_name_the_value(value, why):
+    with pytest.raises(BadRequest, match=why) as exc:
+        duration("keep_alive", value)
+    assert "keep_alive" in exc.value.message
