@@ -1,7 +1,7 @@
 """A fast stand-in for vLLM's OpenAI server, for sage_nb's tests, benchmarks and tutorials.
 
 ``PYTHONPATH=sage_nb/testing/stub_engine python -m vllm.entrypoints.openai.api_server --model M --port P
-[--host H] [--served-model-name S] [--runner pooling]``: it takes vLLM's command line, so sage_nb
+[--host H] [--served-model-name S] [--runner pooling] [--enable-sleep-mode]``: it takes vLLM's command line, so sage_nb
 launches, discovers and adopts it like a real engine, and it answers at once (raw asyncio protocol,
 keep-alive, precomputed replies, no framework, uvloop when importable), so what a benchmark measures
 through it is the proxy in front of it. End-to-end tests use the real vLLM.
@@ -11,6 +11,14 @@ completions (streaming too) or, with ``--runner pooling``, embeddings. Like vLLM
 ``Bearer $VLLM_API_KEY`` when that is set (401), and a bad body is a 400 ``{"error": {"message": ...}}``,
 never a dropped connection. Replies and stream chunks carry ``"served_by": <port>``.
 
+Sleep mode, with ``VLLM_SERVER_DEV_MODE=1`` (else these routes are 404s, like vLLM's): ``POST /sleep?level=N``
+(0..2, default 1; a 400 without ``--enable-sleep-mode``) answers ``{"status": "sleeping", "level": N}``,
+``POST /wake_up`` answers ``{"status": "awake", "tags": null}``, and ``GET /is_sleeping`` answers
+``{"is_sleeping": bool, "wakes": <wake_ups served>}``. They need the bearer key when one is set (401), as
+sage_nb's ``KeyGuard`` middleware makes vLLM do (``--middleware`` is taken and ignored here). While asleep,
+chat, completions and embeddings are 503 ``{"error": {"message": "the engine is sleeping"}}`` (stricter than
+vLLM, which holds them until it wakes), and ``/health`` stays 200.
+
 Environment (a flag is on for any non-empty value):
 
 - ``STUB_STARTUP_DELAY``: seconds to wait before binding the port (default 0).
@@ -19,6 +27,9 @@ Environment (a flag is on for any non-empty value):
   which keeps increasing (busy, not hung). Without it ``/metrics`` is a 404.
 - ``STUB_STREAM_PARTS``: chunks per stream (default 3), ``STUB_STREAM_GAP_MS`` apart (default 50),
   then ``data: [DONE]``.
+- ``STUB_SLEEP_MS`` / ``STUB_WAKE_MS``: how long ``/sleep`` / ``/wake_up`` take (default 0); other
+  connections are served meanwhile, and the engine falls asleep or wakes even if the caller hangs up.
+- ``STUB_WAKE_FAIL``: ``/wake_up`` fails, a 500, and the engine stays asleep.
 
 A test injects a fault with a body field ``"stub_fault": {"port": P, "do": "die" | "drop"}``: the
 engine on port P, once it has read the request, SIGKILLs itself without answering ("die"), or closes
@@ -35,10 +46,13 @@ import signal
 import socket
 import time
 from http import HTTPStatus
+from urllib.parse import parse_qs
 
 MAX_HEAD = 64 * 1024  # bytes of request line and headers
 CACHE_SIZE = 256  # replies precomputed per (route, model, ...); cleared when full
 CHAT, COMPLETIONS, EMBEDDINGS = "/v1/chat/completions", "/v1/completions", "/v1/embeddings"
+SLEEP, WAKE_UP, IS_SLEEPING = "/sleep", "/wake_up", "/is_sleeping"
+DEV_ROUTES = frozenset({SLEEP, WAKE_UP, IS_SLEEPING})  # vLLM's, with VLLM_SERVER_DEV_MODE=1
 
 
 def response(status: int, body: dict | bytes, ctype: bytes = b"application/json") -> bytes:
@@ -58,14 +72,21 @@ def frame(data: bytes) -> bytes:
     return b"%x\r\n%s\r\n" % (len(data), data)
 
 
+def error(status: int, kind: str, message: str) -> bytes:
+    return response(status, {"error": {"message": message, "type": kind, "param": None, "code": status}})
+
+
 def bad_request(message: str) -> bytes:
-    return response(400, {"error": {"message": message, "type": "BadRequestError", "param": None, "code": 400}})
+    return error(400, "BadRequestError", message)
 
 
 UNAUTHORIZED = response(401, {"error": "Unauthorized"})
 NOT_FOUND = response(404, {"detail": "Not Found"})
 NOT_ALLOWED = response(405, {"detail": "Method Not Allowed"})
 CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+ASLEEP = error(503, "ServiceUnavailableError", "the engine is sleeping")
+WAKE_FAILED = error(500, "InternalServerError", "wake_up failed (STUB_WAKE_FAIL)")
+AWAKE = response(200, {"status": "awake", "tags": None})
 # like uvicorn, a stream is chunked even when the connection closes after it
 STREAM_HEAD = (b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ncache-control: no-cache\r\n"
                b"transfer-encoding: chunked\r\n\r\n")
@@ -90,10 +111,19 @@ class Stub:
         self.hang = bool(env.get("STUB_HANG")) or self.busy
         self.parts = int(env.get("STUB_STREAM_PARTS") or 3)
         self.gap = float(env.get("STUB_STREAM_GAP_MS") or 50) / 1000
+        self.dev_mode = env.get("VLLM_SERVER_DEV_MODE") == "1"
+        self.sleep_mode = args.enable_sleep_mode
+        self.sleep_delay = float(env.get("STUB_SLEEP_MS") or 0) / 1000
+        self.wake_delay = float(env.get("STUB_WAKE_MS") or 0) / 1000
+        self.wake_fails = bool(env.get("STUB_WAKE_FAIL"))
+        self.sleeping = False
+        self.wakes = 0  # wake_ups served
+        self.ops: set[asyncio.Task] = set()  # sleeps and wake_ups under way
         self.created = int(time.time())
         self.generating = () if self.pooling else (CHAT, COMPLETIONS)
         routes = [EMBEDDINGS] if self.pooling else [CHAT, COMPLETIONS]
         self.health = response(200, b"")
+        routes += sorted(DEV_ROUTES) if self.dev_mode else []
         self.openapi = response(200, {"paths": {**{r: {} for r in routes}, "/v1/models": {}, "/health": {}}})
         self.models = response(200, {"object": "list", "data": [
             {"id": self.served, "object": "model", "created": self.created, "owned_by": "vllm",
@@ -146,6 +176,19 @@ class Stub:
             raw.append(frame(b"data: " + json.dumps(event).encode() + b"\n\n"))
         return raw
 
+    async def sleep(self, level: int) -> bytes:
+        await asyncio.sleep(self.sleep_delay)
+        self.sleeping = True
+        return response(200, {"status": "sleeping", "level": level})
+
+    async def wake_up(self) -> bytes:
+        await asyncio.sleep(self.wake_delay)
+        if self.wake_fails:
+            return WAKE_FAILED
+        self.sleeping = False
+        self.wakes += 1
+        return AWAKE
+
     def tokenize(self, path: str, req: dict) -> dict:
         if path == "/detokenize":
             return {"prompt": "".join(chr(t) for t in req.get("tokens") or []), "served_by": self.port}
@@ -159,9 +202,9 @@ class Stub:
             "data": [{"object": "embedding", "index": i, "embedding": [0.5, 0.5]} for i in range(n)]}))
 
 
-def parse_head(head: bytes) -> tuple[str, str, bool, dict, int]:
-    """``(method, path, keep_alive, headers, body length)``; ValueError when malformed (a chunked request
-    body too: no client of an engine sends one)."""
+def parse_head(head: bytes) -> tuple[str, str, bool, dict, int, str]:
+    """``(method, path, keep_alive, headers, body length, query)``; ValueError when malformed (a chunked
+    request body too: no client of an engine sends one)."""
     lines = head.decode("latin-1").split("\r\n")
     method, target, version = lines[0].split(" ")
     if not version.startswith("HTTP/1."):
@@ -180,7 +223,8 @@ def parse_head(head: bytes) -> tuple[str, str, bool, dict, int]:
     if not (length_text.isascii() and length_text.isdigit()):
         raise ValueError(f"bad content-length {length_text!r}")
     length = int(length_text)
-    return method, target.split("?", 1)[0], keep, headers, length
+    path, _, query = target.partition("?")
+    return method, path, keep, headers, length, query
 
 
 class Http(asyncio.Protocol):
@@ -192,7 +236,7 @@ class Http(asyncio.Protocol):
     def connection_made(self, transport) -> None:
         self.transport, self.buf, self.head = transport, b"", None
         self.busy = False  # a reply is under way (a stream) or never coming: later requests wait
-        self.task: asyncio.Task | None = None  # the stream being sent
+        self.task: asyncio.Task | None = None  # the stream or the delayed reply being sent
         self.eof = False
 
     def data_received(self, data: bytes) -> None:
@@ -225,12 +269,15 @@ class Http(asyncio.Protocol):
                 self.buf = self.buf[end + 4:]
                 if self.head[4] and not self.buf and self.head[3].get("expect", "").lower() == "100-continue":
                     self.transport.write(CONTINUE)  # the client waits for this before sending its body
-            method, path, keep, headers, length = self.head
+            method, path, keep, headers, length, query = self.head
             if len(self.buf) < length:
                 return
             body, self.buf = self.buf[:length], self.buf[length:]
             self.head = None
-            self.handle(method, path, headers, body, keep)
+            if path in DEV_ROUTES:
+                self.dev(method, path, query, headers, keep)
+            else:
+                self.handle(method, path, headers, body, keep)
 
     def fail(self, message: str) -> None:
         """A request that cannot be parsed: 400, then close (what follows it cannot be framed)."""
@@ -282,10 +329,14 @@ class Http(asyncio.Protocol):
         if path in ("/tokenize", "/detokenize"):  # vLLM's, at its root: one token per character here
             return self.send(response(200, stub.tokenize(path, req)), keep)
         if path in stub.generating:
+            if stub.sleeping:  # never answered by a sleeping engine
+                return self.send(ASLEEP, keep)
             if req.get("stream"):
                 return self.stream(stub.events(path, model), keep)
             return self.send(stub.reply(path, model), keep)
         if path == EMBEDDINGS and stub.pooling:
+            if stub.sleeping:
+                return self.send(ASLEEP, keep)
             inputs = req.get("input")
             if isinstance(inputs, str):
                 return self.send(stub.embeddings(model, 1), keep)
@@ -293,6 +344,53 @@ class Http(asyncio.Protocol):
                 return self.send(stub.embeddings(model, len(inputs)), keep)
             return self.send(bad_request("bad request: 'input' must be a string or a list"), keep)
         return self.send(NOT_FOUND, keep)
+
+    def dev(self, method: str, path: str, query: str, headers: dict, keep: bool) -> None:
+        """Sleep mode's routes (the body, if any, is ignored)."""
+        stub = self.stub
+        if stub.auth and headers.get("authorization") != stub.auth:  # what sage_nb's KeyGuard adds to vLLM
+            return self.send(UNAUTHORIZED, keep)
+        if not stub.dev_mode:
+            return self.send(NOT_FOUND, keep)
+        if path == IS_SLEEPING:
+            if method != "GET":
+                return self.send(NOT_ALLOWED, keep)
+            return self.send(response(200, {"is_sleeping": stub.sleeping, "wakes": stub.wakes}), keep)
+        if method != "POST":
+            return self.send(NOT_ALLOWED, keep)
+        if path == WAKE_UP:
+            op = stub.wake_up()
+        else:
+            levels = parse_qs(query).get("level") or ["1"]
+            level = int(levels[-1]) if levels[-1].isascii() and levels[-1].isdigit() else -1
+            if not 0 <= level <= 2:
+                return self.send(bad_request(f"bad request: level must be 0, 1 or 2, not {levels[-1]!r}"), keep)
+            if not stub.sleep_mode:
+                return self.send(bad_request("sleep mode is not enabled (start with --enable-sleep-mode)"), keep)
+            op = stub.sleep(level)
+        if stub.hang:  # a stuck EngineCore answers neither
+            op.close()
+            self.busy = True
+            return
+        task = asyncio.get_running_loop().create_task(op)
+        stub.ops.add(task)  # it runs to its end even if this connection is lost
+        task.add_done_callback(stub.ops.discard)
+        self.busy = True
+        self.task = asyncio.get_running_loop().create_task(self._later(task, keep))
+
+    async def _later(self, op: asyncio.Task, keep: bool) -> None:
+        """The reply of ``op``, once it is done; then the requests that came after it."""
+        reply = await asyncio.shield(op)
+        self.task = None
+        if self.transport.is_closing():
+            return
+        if not keep or self.eof:
+            self.transport.write(closing(reply))
+            return self.transport.close()
+        self.transport.write(reply)
+        self.busy = False
+        if self.buf:
+            self.process()
 
     def stream(self, events: list[bytes], keep: bool) -> None:
         self.busy = True
@@ -328,6 +426,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--served-model-name", nargs="+")
     parser.add_argument("--runner")
     parser.add_argument("--api-key")
+    parser.add_argument("--enable-sleep-mode", action="store_true")
+    parser.add_argument("--middleware", action="append", default=[])  # sage_nb's KeyGuard: emulated
     return parser.parse_known_args(argv)[0]  # vLLM's other options are taken and ignored
 
 
