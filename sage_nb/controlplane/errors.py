@@ -56,3 +56,9 @@ class StateError(ControlPlaneError):
     """The state dir or registry cannot be used (unwritable, full, unreadable)."""
 
     status = 503
+
+
+class WakeTimeout(ControlPlaneError):
+    """An idle engine did not become ready within the wake timeout (504)."""
+
+    status = 504

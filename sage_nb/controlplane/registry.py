@@ -51,7 +51,7 @@ def _corrupt(error: sqlite3.DatabaseError) -> bool:
 
 
 # Fields of the engine record that are never shown outside the control plane.
-PRIVATE_FIELDS = frozenset({"api_key", "create_time", "launch_env"})
+PRIVATE_FIELDS = frozenset({"api_key", "create_time", "launch_env", "request"})
 
 
 @dataclass
@@ -88,6 +88,16 @@ class Engine:
     log_path: str | None = None
     health_failures: int = 0
     launch_env: dict[str, str] = field(default_factory=dict)
+    # idle engines: keep-alive in seconds (None: forever), the last request, how it sleeps
+    keep_alive: float | None = None
+    last_used_at: float | None = None
+    launched_at: float | None = None  # the latest launch (a relaunch after unloading too)
+    sleep_mode: bool = False  # launched with vLLM's --enable-sleep-mode
+    sleep_level: int | None = None
+    dormant_since: float | None = None  # went sleeping or unloaded
+    wake_started_at: float | None = None  # a wake is under way (a request waits for it)
+    weights_mib: int = 0
+    request: dict = field(default_factory=dict)  # the launch request, to launch it again when unloaded
 
     @property
     def base_url(self) -> str:
@@ -118,7 +128,16 @@ def public_model(record: dict) -> dict:
     for name in PRIVATE_FIELDS:
         record.pop(name, None)
     record["base_url"] = f"http://{record['host']}:{record['port']}/v1" if record.get("port") else None
+    record["idle_at"] = idle_at(record)
     return record
+
+
+def idle_at(record: dict) -> float | None:
+    """When a ready engine with a keep-alive goes idle (epoch seconds), else ``None``."""
+    keep = record.get("keep_alive")
+    if keep is None or record.get("state") != EngineState.READY:
+        return None
+    return max(record.get("last_used_at") or 0.0, record.get("ready_at") or 0.0) + keep
 
 
 class Txn:
@@ -203,6 +222,10 @@ class Txn:
         self.conn.execute(
             "INSERT INTO gpu_bookings (engine_id, gpu_index, gpu_uuid, mib) VALUES (?, ?, ?, ?)",
             (engine_id, gpu_index, gpu_uuid, mib))
+
+    def resize_bookings(self, engine_id: str, mib_per_gpu: int) -> None:
+        """Set each of the engine's GPU bookings to ``mib_per_gpu`` (sleeping keeps a residual)."""
+        self.conn.execute("UPDATE gpu_bookings SET mib = ? WHERE engine_id = ?", (mib_per_gpu, engine_id))
 
     def release_bookings(self, engine_id: str) -> None:
         self.conn.execute("DELETE FROM gpu_bookings WHERE engine_id = ?", (engine_id,))

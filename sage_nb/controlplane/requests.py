@@ -10,6 +10,7 @@ from .errors import BadRequest
 from .sizing import validate_model_name
 
 KINDS = ("llm", "embedding")
+FOREVER = -1.0
 DTYPES = ("auto", "half", "float16", "bfloat16", "float", "float32")
 # Flags sage_nb sets itself; an engine may not override them through extra_args.
 MANAGED_FLAGS = ("--model", "--host", "--port", "--api-key", "--served-model-name",
@@ -31,6 +32,7 @@ class LaunchRequest:
     dtype: str | None = None
     gpu_memory_utilization: float | None = None
     extra_args: list[str] = field(default_factory=list)
+    keep_alive: float | str | None = None  # None: the server's default; -1 or "forever": forever
 
     def __post_init__(self) -> None:
         validate_model_name(self.model)
@@ -57,6 +59,15 @@ class LaunchRequest:
         if u is not None and (isinstance(u, bool) or not isinstance(u, (int, float)) or not 0 < u <= 1):
             raise BadRequest(f"gpu_memory_utilization must be a number in (0, 1], got {u!r}")
         self.extra_args = self._check_args(self.extra_args)
+        if self.keep_alive is not None:
+            seconds = validation.duration("keep_alive", self.keep_alive)
+            self.keep_alive = FOREVER if seconds is None else seconds
+
+    def keep_alive_s(self, default: float | None) -> float | None:
+        """The engine's keep-alive in seconds (``None``: forever), ``default`` when not given."""
+        if self.keep_alive is None:
+            return default
+        return None if self.keep_alive == FOREVER else float(self.keep_alive)
 
     @staticmethod
     def _check_args(args) -> list[str]:
@@ -83,4 +94,6 @@ class LaunchRequest:
             raise BadRequest(f"unknown field(s): {', '.join(unknown)}")
         if "model" not in body:
             raise BadRequest("'model' is required")
+        if "keep_alive" in body and body["keep_alive"] is None:  # JSON null: forever, as -1
+            body = {**body, "keep_alive": FOREVER}
         return cls(**body)

@@ -14,8 +14,9 @@ import time
 from collections import defaultdict
 
 from .errors import BadRequest, NoBackend, NotFound
+from .idle import Usage
 from .registry import Engine, Registry
-from .state import is_routable
+from .state import is_routable, is_wakeable
 
 KIND_LABEL = {"llm": "LLM", "embedding": "embedding"}
 START_HINT = {"llm": "%llm start <model>", "embedding": "%llm start <model> --embedding"}
@@ -44,7 +45,9 @@ class BackendIndex:
     Takes engine records or their JSON models."""
 
     def __init__(self, engines) -> None:
+        engines = list(engines)
         self.engines = [e for e in engines if is_routable(e)]
+        self.idle = [e for e in engines if is_wakeable(e)]  # woken by a request for them
         self.by_key: dict[str, list] = defaultdict(list)
         self.by_kind: dict[str, list] = defaultdict(list)
         self.ids = set()
@@ -82,6 +85,17 @@ class BackendIndex:
                        f"{label}models available: {served}")
 
 
+    def wakeable(self, kind: str | None, model: str | None = None):
+        """An idle engine of ``kind`` serving ``model`` (any of ``kind`` when empty) that a request
+        may wake when no engine is routable for it (the one waking already first), or ``None``."""
+        for e in sorted(self.idle, key=lambda e: not _field(e, "wake_started_at")):
+            if kind is not None and _field(e, "kind") != kind:
+                continue
+            if not model or model in {_field(e, n) for n in ("served_model_name", "model", "name", "id")}:
+                return e
+        return None
+
+
 RECHECK_S = 0.05  # how stale another process's registry change may be to the router (a query per request
 #                  was 4% of the server's time under load; a stale pick of a stopped engine is retried)
 
@@ -89,14 +103,19 @@ RECHECK_S = 0.05  # how stale another process's registry change may be to the ro
 class Router:
     """Picks engines for requests and counts what is in flight on each."""
 
-    def __init__(self, registry: Registry) -> None:
+    def __init__(self, registry: Registry, usage: Usage | None = None) -> None:
         self.registry = registry
-        self.inflight: dict[str, int] = defaultdict(int)
+        self.usage = usage or Usage()  # the control plane's: requests keep engines from going idle
+        self.inflight: dict[str, int] = self.usage.inflight
         self._version: tuple | None = None
         self._checked = (-1, 0.0)  # (this process's commit count, monotonic time) at the last check
         self._index = BackendIndex([])
         self._lock = threading.Lock()
         self._tiebreak = itertools.count()
+
+    def refresh(self) -> None:
+        """Read the registry again at the next decision (another process may have just changed it)."""
+        self._checked = (-1, 0.0)
 
     def index(self) -> BackendIndex:
         """The routable engines (cached until the registry changes)."""
@@ -120,14 +139,20 @@ class Router:
         return engine_id in self.index().ids
 
     def models(self) -> list[dict]:
-        """One entry per served name of a ready engine, with its kind and replicas."""
+        """One entry per served name of a ready or idle engine (a request wakes those), with its
+        kind and replicas."""
         out: dict[str, dict] = {}
-        for e in self.ready_engines():
+        index = self.index()
+        for e in index.engines + index.idle:
             entry = out.setdefault(e.served_model_name, {
                 "id": e.served_model_name, "object": "model", "owned_by": "sage_nb", "kind": e.kind,
                 "root": e.model, "created": int(e.ready_at or e.created_at), "engines": []})
-            entry["engines"].append({"id": e.id, "name": e.name})
+            entry["engines"].append({"id": e.id, "name": e.name, "state": e.state})
         return list(out.values())
+
+    def wakeable(self, kind: str | None, model: str | None = None) -> Engine | None:
+        """An idle engine a request for ``model`` may wake (see :meth:`BackendIndex.wakeable`)."""
+        return self.index().wakeable(kind, model)
 
     def pick(self, kind: str | None, model: str | None = None, exclude: frozenset[str] = frozenset()) -> Engine:
         """The least-loaded engine of ``kind`` serving ``model`` (served name, model path or
@@ -145,9 +170,7 @@ class Router:
         return candidates[best]
 
     def acquire(self, engine: Engine) -> None:
-        self.inflight[engine.id] += 1
+        self.usage.begin(engine.id)
 
     def release(self, engine: Engine) -> None:
-        self.inflight[engine.id] -= 1
-        if self.inflight[engine.id] <= 0:
-            del self.inflight[engine.id]
+        self.usage.end(engine.id)

@@ -12,6 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
+from . import validation
 from .errors import BadRequest
 
 ENV_PREFIX = "SAGE_NB_"
@@ -130,6 +131,20 @@ class Settings:
     cpu_kvcache_gib: int = setting(1, "KV cache of CPU engines in GiB (VLLM_CPU_KVCACHE_SPACE).")
     engine_env: dict[str, str] = setting(dict, "Extra environment variables for engine processes.", dict)
     use_nvml: bool = setting(True, "Read GPUs through NVML (off: no GPUs unless fake_gpus is set).")
+    keep_alive: float | None = setting(None, "How long an engine may go without a request before it "
+                                       "gives its memory back (sleeping or unloaded): seconds or a "
+                                       "duration such as '10m'; -1 or empty: forever. Per engine: "
+                                       "--keep-alive.", str)
+    idle_action: str = setting("auto", "What an idle engine does: 'sleep' (vLLM's sleep mode, GPU "
+                               "engines only), 'unload' (its processes stop, the record stays), or "
+                               "'auto' (sleep where it can and host RAM takes the weights, else unload).")
+    sleep_mode: str = setting("auto", "Launch GPU engines with vLLM's sleep mode so idle ones can "
+                              "sleep: 'auto' (on real NVIDIA GPUs when idle_action allows sleeping), "
+                              "'on' (also under a fake inventory), 'off'.")
+    sleep_residual_mib: int = setting(1536, "GPU memory a sleeping engine keeps booked per GPU (its "
+                                      "CUDA context and allocator pools).")
+    wake_timeout: float = setting(0.0, "Seconds a request waits for an idle engine to wake "
+                                  "(0: the startup timeout).")
     adopt_unrecorded: bool = setting(True, "Adopt vLLM servers of this user that sage_nb did not "
                                      "start (found by their command line at discovery).")
 
@@ -142,6 +157,7 @@ class Settings:
             self.fake_gpus = parse_fake_gpus(self.fake_gpus)
         elif self.fake_gpus is not None:
             self.fake_gpus = parse_fake_gpus(json.dumps(self.fake_gpus))
+        self.keep_alive = validation.duration("keep_alive", self.keep_alive or None)
         self._check()
 
     def _check(self) -> None:
@@ -152,8 +168,18 @@ class Settings:
                      "health_failures", "cpu_kvcache_gib"):
             if getattr(self, name) <= 0:
                 raise BadRequest(f"{name} must be positive, got {getattr(self, name)!r}")
-        if self.work_probe_interval < 0 or self.stop_grace < 0:
-            raise BadRequest("work_probe_interval (0: off) and stop_grace must be >= 0")
+        if self.work_probe_interval < 0 or self.stop_grace < 0 or self.wake_timeout < 0:
+            raise BadRequest("work_probe_interval (0: off), stop_grace and wake_timeout must be >= 0")
+        if self.sleep_residual_mib < 0:
+            raise BadRequest(f"sleep_residual_mib must be >= 0, got {self.sleep_residual_mib!r}")
+        for name, allowed in (("idle_action", ("auto", "sleep", "unload")), ("sleep_mode", ("auto", "on", "off"))):
+            if getattr(self, name) not in allowed:
+                raise BadRequest(f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
+
+    @property
+    def effective_wake_timeout(self) -> float:
+        """Seconds a wake may take."""
+        return self.wake_timeout or self.startup_timeout
 
     @property
     def db_path(self) -> Path:

@@ -1,5 +1,11 @@
-"""The engine state machine: ``starting → ready → stopping → stopped``, ``starting → stopping``,
-``starting|ready|stopping → failed``; and the one definition of a routable engine."""
+"""The engine state machine and the one definition of a routable engine.
+
+``starting → ready → stopping → stopped``, ``starting → stopping``, and any live state ``→ failed``.
+Idle engines (issue: keep-alive) add ``ready → sleeping → waking → ready`` (vLLM's sleep mode: the
+process stays, its GPU memory is given back) and ``ready → unloaded → starting → ready`` (the process
+tree is gone, the record stays and the next request launches it again). Every state but the ended
+ones can be stopped.
+"""
 
 from __future__ import annotations
 
@@ -11,24 +17,33 @@ from .errors import IllegalTransition
 class EngineState(StrEnum):
     STARTING = "starting"
     READY = "ready"
+    SLEEPING = "sleeping"
+    WAKING = "waking"
+    UNLOADED = "unloaded"
     STOPPING = "stopping"
     STOPPED = "stopped"
     FAILED = "failed"
 
 
-# A starting engine may be stopped before it is ready; a stop that cannot make the
-# process tree go away ends in ``failed``.
+S = EngineState
 TRANSITIONS: dict[EngineState, frozenset[EngineState]] = {
-    EngineState.STARTING: frozenset({EngineState.READY, EngineState.STOPPING, EngineState.FAILED}),
-    EngineState.READY: frozenset({EngineState.STOPPING, EngineState.FAILED}),
-    EngineState.STOPPING: frozenset({EngineState.STOPPED, EngineState.FAILED}),
-    EngineState.STOPPED: frozenset(),
-    EngineState.FAILED: frozenset(),
+    S.STARTING: frozenset({S.READY, S.STOPPING, S.FAILED}),
+    S.READY: frozenset({S.SLEEPING, S.UNLOADED, S.STOPPING, S.FAILED}),
+    # back to ready without waking when the engine refused to sleep
+    S.SLEEPING: frozenset({S.WAKING, S.READY, S.UNLOADED, S.STOPPING, S.FAILED}),
+    S.WAKING: frozenset({S.READY, S.STOPPING, S.FAILED}),
+    S.UNLOADED: frozenset({S.STARTING, S.STOPPING, S.FAILED}),
+    S.STOPPING: frozenset({S.STOPPED, S.FAILED}),
+    S.STOPPED: frozenset(),
+    S.FAILED: frozenset(),
 }
 
-LIVE = frozenset({EngineState.STARTING, EngineState.READY, EngineState.STOPPING})
-ENDED = frozenset({EngineState.STOPPED, EngineState.FAILED})
-STOPPABLE = frozenset({EngineState.STARTING, EngineState.READY})
+# states in which a process of the engine may run
+LIVE = frozenset({S.STARTING, S.READY, S.SLEEPING, S.WAKING, S.STOPPING})
+ENDED = frozenset({S.STOPPED, S.FAILED})
+STOPPABLE = frozenset({S.STARTING, S.READY, S.SLEEPING, S.WAKING, S.UNLOADED})
+# idle: listed, not routable, woken by the next request for them
+DORMANT = frozenset({S.SLEEPING, S.UNLOADED})
 
 
 def check_transition(current: EngineState | str, new: EngineState | str) -> EngineState:
@@ -39,11 +54,17 @@ def check_transition(current: EngineState | str, new: EngineState | str) -> Engi
     return nxt
 
 
+def _get(engine, name: str):
+    return engine.get(name) if isinstance(engine, dict) else getattr(engine, name)
+
+
 def is_routable(engine) -> bool:
     """Ready, no failed health or work probe pending, and listening: the only engines a request
     may go to. Takes an engine record or its JSON model."""
-    if isinstance(engine, dict):
-        state, failures, port = engine.get("state"), engine.get("health_failures"), engine.get("port")
-    else:
-        state, failures, port = engine.state, engine.health_failures, engine.port
-    return state == EngineState.READY and not failures and bool(port)
+    return _get(engine, "state") == S.READY and not _get(engine, "health_failures") and bool(_get(engine, "port"))
+
+
+def is_wakeable(engine) -> bool:
+    """Idle (sleeping or unloaded), or on its way back from it: a request for it waits for it."""
+    state = _get(engine, "state")
+    return state in DORMANT or (state in (S.WAKING, S.STARTING) and bool(_get(engine, "wake_started_at")))

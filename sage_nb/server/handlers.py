@@ -114,6 +114,39 @@ class EngineHandler(SageHandler):
     async def delete(self, engine_id: str) -> None:
         self.reply(await self.call(self.cp.stop_engine, engine_id))
 
+    @web.authenticated
+    @authorized
+    async def patch(self, engine_id: str) -> None:
+        """Change what may change on a running engine: ``{"keep_alive": "30m"}`` (-1 or null: forever)."""
+        body = self.json_body()
+        unknown = sorted(set(body) - {"keep_alive"})
+        if unknown or not body:
+            raise ApiError(400, f"unknown field(s): {', '.join(unknown)}" if unknown
+                           else "nothing to change: send {\"keep_alive\": ...}")
+        self.reply(await self.call(self.cp.set_keep_alive, engine_id, body["keep_alive"]))
+
+
+class SleepHandler(SageHandler):
+    """``POST .../sleep`` ``{"mode": "auto"|"sleep"|"unload"}``: give a ready engine's memory back now."""
+
+    @web.authenticated
+    @authorized
+    async def post(self, engine_id: str) -> None:
+        body = self.json_body()
+        unknown = sorted(set(body) - {"mode"})
+        if unknown:
+            raise ApiError(400, f"unknown field(s): {', '.join(unknown)}")
+        self.reply(await self.call(self.cp.sleep_engine, engine_id, body.get("mode", "auto")))
+
+
+class WakeHandler(SageHandler):
+    """``POST .../wake``: wake a sleeping or unloaded engine; 202 at once, follow its state."""
+
+    @web.authenticated
+    @authorized
+    async def post(self, engine_id: str) -> None:
+        self.reply(await self.call(self.cp.wake_engine, engine_id, wait=False), 202)
+
 
 class LogsHandler(SageHandler):
     _track_activity = False
@@ -186,6 +219,8 @@ REST_HANDLERS = [
     (r"/sage_nb/api/engines/?", EnginesHandler),
     (r"/sage_nb/api/engines/prune/?", PruneHandler),
     (rf"/sage_nb/api/engines/{ENGINE_ID}/logs/?", LogsHandler),
+    (rf"/sage_nb/api/engines/{ENGINE_ID}/sleep/?", SleepHandler),
+    (rf"/sage_nb/api/engines/{ENGINE_ID}/wake/?", WakeHandler),
     (rf"/sage_nb/api/engines/{ENGINE_ID}/?", EngineHandler),
     (r"/sage_nb/api/backends/?", BackendsHandler),
     (r"/sage_nb/api/gpus/?", GpusHandler),

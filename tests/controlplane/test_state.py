@@ -6,9 +6,16 @@ from sage_nb.controlplane.state import EngineState, check_transition
 
 LEGAL = [("starting", "ready"), ("ready", "stopping"), ("stopping", "stopped"),
          ("starting", "failed"), ("ready", "failed"), ("starting", "stopping"),
-         ("stopping", "failed")]
+         ("stopping", "failed"),
+         # idle engines
+         ("ready", "sleeping"), ("sleeping", "waking"), ("waking", "ready"), ("sleeping", "ready"),
+         ("ready", "unloaded"), ("unloaded", "starting"), ("sleeping", "unloaded"),
+         ("sleeping", "stopping"), ("waking", "stopping"), ("unloaded", "stopping"),
+         ("sleeping", "failed"), ("waking", "failed"), ("unloaded", "failed")]
 ILLEGAL = [("stopped", "ready"), ("stopped", "starting"), ("failed", "ready"), ("ready", "starting"),
-           ("ready", "stopped"), ("starting", "stopped"), ("failed", "stopping"), ("stopped", "failed")]
+           ("ready", "stopped"), ("starting", "stopped"), ("failed", "stopping"), ("stopped", "failed"),
+           ("starting", "sleeping"), ("unloaded", "ready"), ("waking", "sleeping"), ("stopped", "unloaded"),
+           ("failed", "waking"), ("starting", "unloaded")]
 
 
 @pytest.mark.parametrize("cur,new", LEGAL)
