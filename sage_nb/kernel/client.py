@@ -41,6 +41,9 @@ def loading_phase(log: str) -> str:
     return phase
 
 
+LOADING = frozenset({EngineState.STARTING, EngineState.WAKING})  # the states wait_ready polls through
+
+
 class Client:
     """Engines and OpenAI clients for this notebook, over one :class:`Transport`."""
 
@@ -103,26 +106,47 @@ class Client:
 
     def wait_ready(self, id_or_name: str, timeout: float | None = None,
                    on_progress: Callable[[dict, str], None] | None = None) -> dict:
-        """Poll until the engine leaves ``starting``; :class:`EngineFailed` if it fails."""
-        deadline = time.monotonic() + (timeout or 3600)
+        """Poll while the engine is ``starting`` or ``waking``; :class:`EngineFailed` if it does not
+        end ``ready``. ``on_progress(engine, phase)`` is called as the phase changes."""
+        limit = timeout or 3600
+        deadline = time.monotonic() + limit
         phase = None
         while True:
             engine = self.engine(id_or_name)
-            if engine["state"] != EngineState.STARTING:
+            if engine["state"] not in LOADING:
                 break
             if on_progress is not None:
-                new = loading_phase(self.transport.logs(engine["id"], 400))
+                new = ("waking" if engine["state"] == EngineState.WAKING
+                       else loading_phase(self.transport.logs(engine["id"], 400)))
                 if new != phase:
                     phase = new
                     on_progress(engine, phase)
             if time.monotonic() > deadline:
-                raise EngineFailed(f"engine {engine['name']!r} is not ready after {timeout:.0f} s")
+                raise EngineFailed(f"engine {engine['name']!r} is not ready after {limit:.0f} s")
             time.sleep(0.5)
         if engine["state"] != EngineState.READY:
             raise EngineFailed(f"engine {engine['name']!r} {engine['state']}: {engine.get('error') or ''}".strip())
         if on_progress is not None:
             on_progress(engine, "ready")
         return engine
+
+    # -------------------------------------------------------------- idle engines
+    def sleep(self, id_or_name: str, mode: str = "auto") -> dict:
+        """Give a ready engine's GPU memory back: ``sleep`` (vLLM sleep mode, the process stays),
+        ``unload`` (the process stops, the record stays) or ``auto`` (sleep where it can)."""
+        return self.transport.sleep(id_or_name, mode)
+
+    def wake(self, id_or_name: str, *, wait: bool = True, timeout: float | None = None,
+             on_progress: Callable[[dict, str], None] | None = None) -> dict:
+        """Wake a sleeping or unloaded engine; with ``wait``, block until it is ready (as :meth:`wait_ready`)."""
+        engine = self.transport.wake(id_or_name)
+        return self.wait_ready(engine["id"], timeout, on_progress) if wait else engine
+
+    def set_keep_alive(self, id_or_name: str, keep_alive: float | str | None) -> dict:
+        """How long the engine stays loaded once idle: seconds, ``"10m"``, ``"1h30m"``; ``None``,
+        ``-1`` or ``"forever"``: never idle out. Checked here first, sent as given."""
+        validation.duration("keep_alive", keep_alive)
+        return self.transport.set_keep_alive(id_or_name, keep_alive)
 
     # -------------------------------------------------------------- OpenAI clients
     def backend(self, kind: str, model: str | None = None) -> dict:

@@ -14,14 +14,15 @@ import json
 import ipywidgets as w
 import psutil
 
-from sage_nb.controlplane.state import STOPPABLE, EngineState, is_routable
+from sage_nb.controlplane.state import DORMANT, STOPPABLE, EngineState, is_routable
 
 from .client import Client, get_client
-from .views import uptime
+from .views import idle_text, uptime
 
 COLORS = {"other": "#9e9e9e", "booked": "#1f77b4", "free": "#d9ead3"}
 STATE_COLORS = {EngineState.READY: "#2e7d32", EngineState.STARTING: "#f9a825", EngineState.STOPPING: "#6d4c41",
-                EngineState.FAILED: "#c62828", EngineState.STOPPED: "#757575"}
+                EngineState.FAILED: "#c62828", EngineState.STOPPED: "#757575", EngineState.SLEEPING: "#5c6bc0",
+                EngineState.WAKING: "#f9a825", EngineState.UNLOADED: "#90a4ae"}
 
 
 def gpu_bar_html(gpu: dict) -> str:
@@ -108,25 +109,33 @@ class Dashboard(w.VBox):
         self.gpu_box.children = [w.HTML(r) for r in rows]
 
     def _show_engines(self, engines: list[dict]) -> None:
-        header = ["name", "model", "kind", "state", "GPUs", "port", "uptime", "health"]
-        cells = [w.HTML(f"<b>{h}</b>") for h in header] + [w.HTML("")] * 2
+        header = ["name", "model", "kind", "state", "GPUs", "port", "uptime", "idle", "health"]
+        buttons = [("stop", "stop", lambda e: e["state"] not in STOPPABLE, self.client.stop),
+                   ("sleep", "moon-o", lambda e: e["state"] != EngineState.READY, self.client.sleep),
+                   ("wake", "sun-o", lambda e: e["state"] not in DORMANT, self._wake),
+                   ("logs", "file-text", lambda e: False, None)]
+        cells = [w.HTML(f"<b>{h}</b>") for h in header] + [w.HTML("")] * len(buttons)
         for e in engines:
             color = STATE_COLORS.get(e["state"], "#000")
             health = health_of(e)
             values = [e["name"], e["served_model_name"], e["kind"],
                       f"<span style='color:{color}'>{e['state']}</span>",
-                      ",".join(map(str, e["gpu_ids"])) or "cpu", e["port"], uptime(e), html.escape(health)]
+                      ",".join(map(str, e["gpu_ids"])) or "cpu", e["port"], uptime(e), idle_text(e),
+                      html.escape(health)]
             cells += [w.HTML(f"<span class='sage-nb-cell'>{v}</span>") for v in values]
-            stop = w.Button(description="stop", icon="stop", layout=w.Layout(width="auto"),
-                            disabled=e["state"] not in STOPPABLE)
-            stop.on_click(lambda _, i=e["id"]: self._act(self.client.stop, i))
-            logs = w.Button(description="logs", icon="file-text", layout=w.Layout(width="auto"))
-            logs.on_click(lambda _, i=e["id"]: self.show_logs(i))
-            cells += [stop, logs]
+            for name, icon, disabled, action in buttons:
+                button = w.Button(description=name, icon=icon, layout=w.Layout(width="auto"), disabled=disabled(e))
+                if action is None:
+                    button.on_click(lambda _, i=e["id"]: self.show_logs(i))
+                else:
+                    button.on_click(lambda _, i=e["id"], fn=action: self._act(fn, i))
+                cells.append(button)
         if not engines:
             self.engine_box.children = [w.HTML("<i>no engines — start one below or with %llm start</i>")]
             return
-        grid = w.GridBox(cells, layout=w.Layout(grid_template_columns="repeat(10, auto)", grid_gap="2px 12px"))
+        columns = len(header) + len(buttons)
+        grid = w.GridBox(cells, layout=w.Layout(grid_template_columns=f"repeat({columns}, auto)",
+                                                grid_gap="2px 12px"))
         self.engine_box.children = [grid]
 
     # ------------------------------------------------------------------ actions
@@ -137,6 +146,9 @@ class Dashboard(w.VBox):
         except Exception as e:
             self.status.value = f"<span style='color:#c62828'>{html.escape(str(e))}</span>"
         self.refresh()
+
+    def _wake(self, engine_id: str) -> dict:
+        return self.client.wake(engine_id, wait=False)  # the refresh shows it become ready
 
     def _start(self) -> None:
         model = self.model.value.strip()
@@ -202,9 +214,10 @@ class Dashboard(w.VBox):
         if not data["gpus"]["devices"]:
             lines.append(f"  no NVIDIA GPU ({data['gpus'].get('error') or 'none found'}): engines run on CPU")
         for e in data["engines"]:
+            idle = idle_text(e)
             lines.append(f"  {e['name']:<20} {e['kind']:<9} {e['state']:<8} port {e['port']} "
                          f"gpus {','.join(map(str, e['gpu_ids'])) or 'cpu'} {e['served_model_name']}"
-                         f" ({health_of(e)})")
+                         f" ({health_of(e)}){f' idle: {idle}' if idle else ''}")
         if not data["engines"]:
             lines.append("  no engines")
         return "\n".join(lines)

@@ -25,7 +25,7 @@ class SageNBError(Exception):
 
 @magics_class
 class LLMMagics(Magics):
-    """``%llm start|stop|engines|backends|gpus|prune|logs|dashboard|doctor`` and ``%%llm``."""
+    """``%llm start|stop|sleep|wake|keep-alive|engines|backends|gpus|prune|logs|dashboard|doctor`` and ``%%llm``."""
 
     server_url = Unicode("", help="Jupyter server URL (default: this kernel's server).").tag(config=True)
     token = Unicode("", help="Jupyter server token (default: from the server's info file).").tag(config=True)
@@ -56,7 +56,7 @@ class LLMMagics(Magics):
         try:
             if args.command == "start":
                 return self._start(args, parsed.vllm_args)
-            return getattr(self, f"_cmd_{args.command}")(args)
+            return getattr(self, f"_cmd_{args.command.replace('-', '_')}")(args)
         except ControlPlaneError as e:
             raise SageNBError(e.message) from None
         except (ConnectionError, OSError) as e:
@@ -66,25 +66,47 @@ class LLMMagics(Magics):
     def _start(self, args, vllm_args: list[str]):
         options = {k: getattr(args, k) for k in ("name", "tensor_parallel_size", "gpu_ids", "port",
                                                   "max_model_len", "dtype")}
+        if args.keep_alive is not None:  # as typed; the control plane reads it
+            options["keep_alive"] = args.keep_alive
         kind = "embedding" if args.embedding else "llm"
         if args.no_wait:
             engine = self.client.start(args.model, kind, wait=False, extra_args=vllm_args, **options)
             return views.engines_table([engine], "sage_nb: starting (use %llm engines to follow)")
-        handle = display(views.Note(f"⏳ starting **{args.model}** ({kind}) …"), display_id=True)
+        engine = self.client.start(args.model, kind, wait=True, extra_args=vllm_args,
+                                   on_progress=self._progress(f"starting **{args.model}** ({kind})"), **options)
+        return views.engines_table([engine], "sage_nb: ready")
+
+    @staticmethod
+    def _progress(what: str):
+        """Show ``what`` in one display that the returned ``on_progress(engine, phase)`` updates."""
+        handle = display(views.Note(f"⏳ {what} …"), display_id=True)
         t0 = time.monotonic()
 
         def progress(engine: dict, phase: str) -> None:
             where = ",".join(f"GPU{g}" for g in engine["gpu_ids"]) or "CPU"
             mark = "✅" if phase == "ready" else "⏳"
-            handle.update(views.Note(f"{mark} **{engine['name']}** ({kind}, {where}, port {engine['port']}): "
-                                     f"{phase} — {time.monotonic() - t0:.0f} s"))
+            handle.update(views.Note(f"{mark} **{engine['name']}** ({engine['kind']}, {where}, port "
+                                     f"{engine['port']}): {phase} — {time.monotonic() - t0:.0f} s"))
 
-        engine = self.client.start(args.model, kind, wait=True, extra_args=vllm_args, on_progress=progress,
-                                   **options)
-        return views.engines_table([engine], "sage_nb: ready")
+        return progress
 
     def _cmd_stop(self, args):
         return views.engines_table([self.client.stop(args.engine)], "sage_nb: stopped")
+
+    def _cmd_sleep(self, args):
+        engine = self.client.sleep(args.engine, "unload" if args.unload else "auto")
+        return views.engines_table([engine], f"sage_nb: {engine['state']}")
+
+    def _cmd_wake(self, args):
+        if args.no_wait:
+            engine = self.client.wake(args.engine, wait=False)
+            return views.engines_table([engine], f"sage_nb: {engine['state']} (use %llm engines to follow)")
+        engine = self.client.wake(args.engine, on_progress=self._progress(f"waking **{args.engine}**"))
+        return views.engines_table([engine], "sage_nb: awake")
+
+    def _cmd_keep_alive(self, args):
+        engine = self.client.set_keep_alive(args.engine, args.value)
+        return views.engines_table([engine], f"sage_nb: keep-alive {views.span(engine['keep_alive'])}")
 
     def _cmd_engines(self, args):
         return views.engines_table(self.client.engines())

@@ -51,6 +51,15 @@ def _gpu_list(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"expected GPU indices like 0,1 — got {text!r}") from None
 
 
+def _keep_alive(text: str) -> str:
+    """A keep-alive duration, checked by the control plane's rule and passed on as typed."""
+    try:
+        validation.duration("keep-alive", text)
+    except BadRequest as e:
+        raise argparse.ArgumentTypeError(e.message) from None
+    return text
+
+
 def _temperature(text: str) -> float:
     try:
         value = float(text)
@@ -59,6 +68,9 @@ def _temperature(text: str) -> float:
     if not 0 <= value <= 2:
         raise argparse.ArgumentTypeError("must be between 0 and 2")
     return value
+
+
+DURATIONS = "seconds or 30s, 10m, 1h30m, 2d; forever or -1 for never"
 
 
 def line_parser() -> argparse.ArgumentParser:
@@ -75,13 +87,25 @@ def line_parser() -> argparse.ArgumentParser:
     start.add_argument("--max-model-len", type=_positive, help="context length (default: the model's, "
                        "shrunk to fit free GPU memory)")
     start.add_argument("--dtype", help="auto, float16, bfloat16, float32")
+    start.add_argument("--keep-alive", type=_keep_alive, help=f"idle time before the engine gives its GPU "
+                       f"memory back: {DURATIONS} (default: the server's)")
     start.add_argument("--no-wait", action="store_true", help="return at once while vLLM loads")
-    for name, text in (("stop", "stop an engine (frees its port and GPU memory)"),
-                       ("logs", "show the tail of an engine's log")):
+    commands = {"stop": "stop an engine (frees its port and GPU memory)", "logs": "show the tail of an engine's log",
+                "sleep": "give an engine's GPU memory back now (it wakes on the next request)",
+                "wake": "load a sleeping or unloaded engine again",
+                "keep-alive": "set how long an engine stays loaded once idle"}
+    for name, text in commands.items():
         p = sub.add_parser(name, help=text, description=text)
         p.add_argument("engine", help="engine id or name")
         if name == "logs":
             p.add_argument("-n", "--lines", type=_positive, default=40, help="how many lines")
+        elif name == "sleep":
+            p.add_argument("--unload", action="store_true", help="stop the process (default: vLLM sleep mode "
+                           "where the engine supports it, else unload)")
+        elif name == "wake":
+            p.add_argument("--no-wait", action="store_true", help="return at once while it loads")
+        elif name == "keep-alive":
+            p.add_argument("value", type=_keep_alive, help=DURATIONS)
     for name, text in (("engines", "list engines"), ("backends", "ready backends by kind"),
                        ("gpus", "GPU memory: used, booked, free"), ("prune", "remove stopped/failed engines"),
                        ("dashboard", "live dashboard widget"), ("doctor", "check the setup and say what to fix")):

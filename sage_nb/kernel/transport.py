@@ -29,6 +29,9 @@ class Transport(Protocol):
     def prune(self) -> list[str]: ...
     def stop(self, id_or_name: str) -> dict: ...
     def start(self, req: LaunchRequest) -> dict: ...
+    def sleep(self, id_or_name: str, mode: str) -> dict: ...
+    def wake(self, id_or_name: str) -> dict: ...
+    def set_keep_alive(self, id_or_name: str, keep_alive: float | str | None) -> dict: ...
     def settings(self) -> dict: ...
     def endpoint(self, backend: dict) -> tuple[str, str]: ...
 
@@ -78,6 +81,15 @@ class RestTransport:
     def start(self, req: LaunchRequest) -> dict:
         return self._call("POST", "sage_nb/api/engines", {k: v for k, v in vars(req).items() if v is not None})
 
+    def sleep(self, id_or_name: str, mode: str) -> dict:
+        return self._call("POST", f"sage_nb/api/engines/{_path_part(id_or_name)}/sleep", {"mode": mode})
+
+    def wake(self, id_or_name: str) -> dict:
+        return self._call("POST", f"sage_nb/api/engines/{_path_part(id_or_name)}/wake", {})
+
+    def set_keep_alive(self, id_or_name: str, keep_alive: float | str | None) -> dict:
+        return self._call("PATCH", f"sage_nb/api/engines/{_path_part(id_or_name)}", {"keep_alive": keep_alive})
+
     def settings(self) -> dict:
         return self._call("GET", "sage_nb/api/settings")
 
@@ -119,6 +131,15 @@ class EmbeddedTransport:
 
     def start(self, req: LaunchRequest) -> dict:
         return self.control_plane.start(req, wait=False)
+
+    def sleep(self, id_or_name: str, mode: str) -> dict:
+        return self.control_plane.sleep_engine(id_or_name, mode)
+
+    def wake(self, id_or_name: str) -> dict:
+        return self.control_plane.wake_engine(id_or_name, wait=False)
+
+    def set_keep_alive(self, id_or_name: str, keep_alive: float | str | None) -> dict:
+        return self.control_plane.set_keep_alive(id_or_name, keep_alive)
 
     def settings(self) -> dict:
         return self.control_plane.settings.to_model()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import html
+import math
 import time
 
 from sage_nb.controlplane.state import EngineState
@@ -48,10 +49,40 @@ def uptime(engine: dict) -> str:
     return f"{seconds // 3600}h{seconds // 60 % 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
 
 
+def span(seconds: float | None) -> str:
+    """Seconds as a duration the way ``keep_alive`` takes them (``4m10s``, ``1h30m``, ``2d``), rounded
+    up to a whole second; ``None`` is ``forever``."""
+    if seconds is None:
+        return "forever"
+    left, parts = max(0, math.ceil(seconds)), []
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60), ("s", 1)):
+        if left >= size:
+            parts.append(f"{left // size}{unit}")
+            left %= size
+    return "".join(parts) or "0s"
+
+
+def idle_text(engine: dict, now: float | None = None) -> str:
+    """When a ready engine gives its memory back (``in 4m10s``, ``now``, ``never``), or its idle state."""
+    state = engine.get("state")
+    if state == EngineState.READY:
+        if engine.get("keep_alive") is None:
+            return "never"
+        if engine.get("idle_at") is None:
+            return ""
+        left = engine["idle_at"] - (time.time() if now is None else now)
+        return f"in {span(left)}" if left > 0 else "now"
+    if state == EngineState.SLEEPING:
+        return f"sleeping L{engine['sleep_level']}" if engine.get("sleep_level") else "sleeping"
+    if state in (EngineState.UNLOADED, EngineState.WAKING):
+        return str(state)
+    return ""
+
+
 def engines_table(engines: list[dict], title: str = "sage_nb engines") -> Table:
     rows = [[e["id"], e["name"], e["kind"], e["state"], ",".join(map(str, e["gpu_ids"])) or e.get("device", "cpu"),
-             e["port"], uptime(e), e["served_model_name"]] for e in engines]
-    return Table(title, ["id", "name", "kind", "state", "gpus", "port", "uptime", "model"], rows,
+             e["port"], uptime(e), idle_text(e), e["served_model_name"]] for e in engines]
+    return Table(title, ["id", "name", "kind", "state", "gpus", "port", "uptime", "idle", "model"], rows,
                  empty="no engines — start one with %llm start <model>")
 
 

@@ -29,6 +29,12 @@ def html_of(box) -> str:
     return "".join(out)
 
 
+def buttons(board, name: str) -> list:
+    """The engine rows' buttons called ``name``, row by row."""
+    grid = board.engine_box.children[0]
+    return [c for c in grid.children if getattr(c, "description", None) == name]
+
+
 def test_gpu_bars_and_engine_rows(client, model_dir):
     board = Dashboard(client=client, autostart=False)
     bars = html_of(board.gpu_box)
@@ -105,3 +111,34 @@ def test_bar_proportions():
     html = gpu_bar_html({"index": 0, "name": "g", "total_mib": 1000, "used_mib": 250, "booked_mib": 250,
                          "free_mib": 750, "available_mib": 500, "utilization": 7, "source": "fake"})
     assert "width:25.00%" in html and "width:50.00%" in html and "util 7%" in html
+
+
+@pytest.mark.parametrize("state,sleep,wake,stop", [
+    ("ready", True, False, True), ("sleeping", False, True, True), ("unloaded", False, True, True),
+    ("waking", False, False, True), ("starting", False, False, True), ("stopped", False, False, False),
+])
+def test_sleep_and_wake_buttons_by_state(state, sleep, wake, stop):
+    from .test_idle_views import RecordingTransport
+
+    board = Dashboard(client=Client(transport=RecordingTransport(state, sleep_level=1)), autostart=False)
+    enabled = {name: not buttons(board, name)[0].disabled for name in ("sleep", "wake", "stop", "logs")}
+    assert enabled == {"sleep": sleep, "wake": wake, "stop": stop, "logs": True}
+
+
+def test_sleep_and_wake_buttons_act_and_show_idle_text(monkeypatch):
+    from .test_idle_views import RecordingTransport
+
+    monkeypatch.setattr("sage_nb.kernel.views.time.time", lambda: 1000.0)
+    transport = RecordingTransport("ready")
+    board = Dashboard(client=Client(transport=transport), autostart=False)
+    assert "in 4m10s" in html_of(board.engine_box) and "idle: in 4m10s" in repr(board)
+    buttons(board, "sleep")[0].click()
+    assert transport.calls == [("sleep", "e1", "auto")] and "done:" in board.status.value
+    assert "sleeping L1" in html_of(board.engine_box) and "idle: sleeping L1" in repr(board)  # _act refreshed
+    assert buttons(board, "sleep")[0].disabled and not buttons(board, "wake")[0].disabled
+    transport.states = ["waking", "waking", "ready"]  # the answer to wake, the refresh after it, later
+    buttons(board, "wake")[0].click()
+    assert transport.calls[-1] == ("wake", "e1")  # wait=False: no polling in the kernel's loop
+    assert "waking" in html_of(board.engine_box)
+    board.refresh()
+    assert "in 4m10s" in html_of(board.engine_box)

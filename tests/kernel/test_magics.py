@@ -5,32 +5,11 @@ import json
 
 import pytest
 from IPython.core.error import UsageError
-from IPython.core.interactiveshell import InteractiveShell
 
 from sage_nb import client as default_client
 from sage_nb.kernel.client import Client, loading_phase
 from sage_nb.kernel.magics import SageNBError
 from sage_nb.kernel.parsing import parse_cell, parse_line
-
-from ..conftest import STUB_PATH, shutdown
-
-
-@pytest.fixture
-def shell(state_dir, monkeypatch):
-    monkeypatch.delenv("JPY_PARENT_PID", raising=False)
-    monkeypatch.delenv("SAGE_NB_SERVER_URL", raising=False)
-    sh = InteractiveShell.instance()
-    sh.run_line_magic("load_ext", "sage_nb")
-    cl = Client(state_dir=state_dir, engine_env={"PYTHONPATH": STUB_PATH}, port_range=(18300, 18399),
-                adopt_unrecorded=False,
-                health_interval=0.2)
-    assert cl.mode == "embedded" and "no Jupyter server" in cl.why_embedded
-    default_client.set_client(cl)
-    magics = sh.magics_manager.registry["LLMMagics"]
-    magics._client = None
-    yield sh
-    shutdown(cl)
-    default_client.set_client(None)
 
 
 def llm(shell, line):
@@ -41,6 +20,10 @@ def llm(shell, line):
     ("frobnicate", "invalid choice"), ("start", "required: model"), ("start m --tp 0", "at least 1"),
     ("start m --port 70000", "out of range"), ("start m --gpus a,b", "GPU indices"), ("stop", "engine"),
     ("logs x -n zero", "integer"), ('start "unclosed', "cannot parse"), ("engines -- --x", "only for 'start'"),
+    ("start m --keep-alive abc", "got 'abc'"), ("start m --keep-alive -5", "got '-5'"),
+    ("start m --keep-alive 1e99", "got '1e99'"), ("start m --keep-alive 400d", "at most 366 days"),
+    ("keep-alive chat abc", "got 'abc'"), ("keep-alive chat -5", "got '-5'"), ("keep-alive chat", "required: value"),
+    ("sleep", "engine"), ("sleep chat --level 2", "unrecognized"), ("wake", "engine"),
 ])
 def test_bad_arguments_are_usage_errors(line, msg):
     with pytest.raises(UsageError, match=msg):
@@ -57,6 +40,54 @@ def test_parsing_splits_vllm_args_and_help(capsys):
     assert parse_cell("--help") is None
     with pytest.raises(UsageError, match="between 0 and 2"):
         parse_cell("--temperature 5")
+
+
+@pytest.mark.parametrize("value", ["10m", "3600", "1h30m", "-1", "forever", "0"])
+def test_keep_alive_values_pass_on_as_typed(value):
+    assert parse_line(f"start org/m --keep-alive {value}").args.keep_alive == value
+    args = parse_line(f"keep-alive chat {value}").args
+    assert (args.command, args.engine, args.value) == ("keep-alive", "chat", value)
+
+
+def test_sleep_and_wake_parsing():
+    assert parse_line("start org/m").args.keep_alive is None  # the server's default
+    assert vars(parse_line("sleep chat").args) == {"command": "sleep", "engine": "chat", "unload": False}
+    assert parse_line("sleep chat --unload").args.unload is True
+    assert vars(parse_line("wake chat").args) == {"command": "wake", "engine": "chat", "no_wait": False}
+    assert parse_line("wake chat --no-wait").args.no_wait is True
+
+
+@pytest.fixture
+def recorded(shell):
+    """The magics over a :class:`RecordingTransport` (what they send, without a control plane)."""
+    from .test_idle_views import RecordingTransport
+
+    transport = RecordingTransport()
+    shell.magics_manager.registry["LLMMagics"]._client = Client(transport=transport)
+    return transport
+
+
+@pytest.mark.parametrize("line", ["start org/m --keep-alive abc", "keep-alive chat -5", "keep-alive chat 1e99"])
+def test_bad_keep_alive_calls_nothing(shell, recorded, line):
+    with pytest.raises(UsageError):
+        llm(shell, line)
+    assert recorded.calls == []
+
+
+def test_sleep_wake_and_keep_alive_magics_send_and_show(shell, recorded):
+    table = llm(shell, "sleep chat")
+    assert table.title == "sage_nb: sleeping" and "sleeping L1" in repr(table)
+    table = llm(shell, "sleep chat --unload")
+    assert table.title == "sage_nb: unloaded" and table.rows[0][table.columns.index("idle")] == "unloaded"
+    recorded.states = ["waking", "ready"]
+    assert llm(shell, "wake chat").title == "sage_nb: awake"
+    recorded.states = ["starting"]
+    assert llm(shell, "wake chat --no-wait").title == "sage_nb: starting (use %llm engines to follow)"
+    assert llm(shell, "keep-alive chat -1").title == "sage_nb: keep-alive forever"
+    assert llm(shell, "keep-alive chat 90").title == "sage_nb: keep-alive 1m30s"
+    assert recorded.calls == [("sleep", "chat", "auto"), ("sleep", "chat", "unload"), ("wake", "chat"),
+                              ("engine", "e1"), ("wake", "chat"), ("set_keep_alive", "chat", "-1"),
+                              ("set_keep_alive", "chat", "90")]
 
 
 def test_loading_phases_from_a_vllm_log():
