@@ -148,7 +148,20 @@ def inspect_model(model: str) -> ModelSpec | None:
     files = [p for p in directory.iterdir() if p.suffix in WEIGHT_SUFFIXES and p.is_file()]
     safetensors = [p for p in files if p.suffix == ".safetensors"]
     weights = sum(p.stat().st_size for p in (safetensors or files))
-    return spec_from_config(config, weights, str(directory))
+    spec = spec_from_config(config, weights, str(directory))
+    limit = _sentence_transformers_limit(directory)
+    if limit and (spec.max_position_embeddings is None or limit < spec.max_position_embeddings):
+        spec.max_position_embeddings = limit  # vLLM derives its max_model_len from it too
+    return spec
+
+
+def _sentence_transformers_limit(directory: Path) -> int | None:
+    """``max_seq_length`` of a sentence-transformers model (MiniLM: 256, below its 512 positions)."""
+    try:
+        value = json.loads((directory / "sentence_bert_config.json").read_text()).get("max_seq_length")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return value if isinstance(value, int) and value > 0 else None
 
 
 def inspect_hub_model(model: str, timeout: float = 20.0) -> ModelSpec | None:

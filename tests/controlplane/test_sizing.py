@@ -84,3 +84,11 @@ def test_invalid_model_names(name):
 @pytest.mark.parametrize("name", ["Qwen/Qwen2.5-7B-Instruct", "gpt2", "meta-llama/Llama-3.1-8B"])
 def test_valid_hub_ids(name):
     validate_model_name(name)
+
+
+def test_a_sentence_transformers_limit_caps_the_context(minilm):
+    """vLLM derives max_model_len from sentence_bert_config.json's max_seq_length (256 for MiniLM,
+    whose config says 512 positions) and refuses a longer --max-model-len."""
+    from sage_nb.controlplane.sizing import inspect_model
+
+    assert inspect_model(str(minilm)).max_position_embeddings == 256
