@@ -14,7 +14,7 @@ import threading
 import time
 from collections.abc import Callable
 
-from sage_nb.controlplane import ControlPlane, EngineFailed, EngineState, LaunchRequest, validation
+from sage_nb.controlplane import ControlPlane, EngineFailed, EngineState, LaunchRequest, NoBackend, NotFound, validation
 from sage_nb.controlplane.router import BackendIndex
 
 from . import integrations
@@ -153,15 +153,20 @@ class Client:
         """The backend a request of ``kind`` (``llm``/``embedding``) for ``model`` would use (the
         gateway's own rule, :class:`BackendIndex`)."""
         backends = self.backends()
-        return BackendIndex(backends["llm_backends"] + backends["embedding_backends"]).candidates(kind, model)[0]
+        try:
+            return BackendIndex(backends["llm_backends"] + backends["embedding_backends"]).candidates(kind, model)[0]
+        except (NoBackend, NotFound):  # none ready: an idle one is woken by the first request
+            idle = BackendIndex(self.engines()).wakeable(kind, model)
+            if idle is None:
+                raise
+            return idle
 
     def openai(self, kind: str, model: str | None = None):
         """A ready ``openai.OpenAI`` for ``kind``; its ``.model`` is the served name to use."""
         import openai
 
         chosen = self.backend(kind, model)
-        base_url, api_key = self.transport.endpoint(chosen)
-        client = openai.OpenAI(base_url=base_url, api_key=api_key)
+        client = openai.OpenAI(**self._endpoint(chosen))
         client.model = chosen["served_model_name"]
         client.backend = chosen
         return client
@@ -180,16 +185,20 @@ class Client:
         go to ``ChatOpenAI`` (``temperature``, ``max_tokens``, ...)."""
         integrations.langchain_openai()  # a missing package is said before any request
         chosen = self.backend("llm", model)
-        base_url, api_key = self.transport.endpoint(chosen)
-        return integrations.chat_model(base_url, api_key, chosen["served_model_name"], **kwargs)
+        return integrations.chat_model(model=chosen["served_model_name"], **self._endpoint(chosen), **kwargs)
 
     def langchain_embeddings(self, model: str | None = None, **kwargs):
         """A ``langchain_openai.OpenAIEmbeddings`` for an embedding backend that sends raw strings
         (``check_embedding_ctx_length=False``: never OpenAI's tiktoken ids); ``kwargs`` pass through."""
         integrations.langchain_openai()  # a missing package is said before any request
         chosen = self.backend("embedding", model)
+        return integrations.embeddings_model(model=chosen["served_model_name"], **self._endpoint(chosen), **kwargs)
+
+    def _endpoint(self, chosen: dict) -> dict:
+        """``base_url``, ``api_key`` and (embedded: requests that wake idle engines) ``http_client``."""
         base_url, api_key = self.transport.endpoint(chosen)
-        return integrations.embeddings_model(base_url, api_key, chosen["served_model_name"], **kwargs)
+        http = self.transport.http_client(chosen)
+        return {"base_url": base_url, "api_key": api_key, **({"http_client": http} if http is not None else {})}
 
     def gateway_url(self) -> str | None:
         """The gateway's OpenAI base URL (``<server>/sage_nb/v1``), or ``None`` without a server."""

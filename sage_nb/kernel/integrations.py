@@ -21,7 +21,8 @@ def langchain_openai():
 
 
 def chat_model(base_url: str, api_key: str, model: str, **kwargs: Any):
-    """A ``langchain_openai.ChatOpenAI`` for ``model`` at ``base_url`` (``kwargs`` pass through)."""
+    """A ``langchain_openai.ChatOpenAI`` for ``model`` at ``base_url`` (``kwargs`` pass through,
+    ``http_client`` too)."""
     return langchain_openai().ChatOpenAI(model=model, base_url=base_url, api_key=api_key, **kwargs)
 
 

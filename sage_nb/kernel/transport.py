@@ -10,6 +10,7 @@ from urllib.parse import quote
 
 from sage_nb.controlplane import ControlPlane, LaunchRequest, NotFound, validation
 
+from . import engine_http
 from .connection import ServerInfo, find_server, reachable, request
 
 
@@ -34,6 +35,7 @@ class Transport(Protocol):
     def set_keep_alive(self, id_or_name: str, keep_alive: float | str | None) -> dict: ...
     def settings(self) -> dict: ...
     def endpoint(self, backend: dict) -> tuple[str, str]: ...
+    def http_client(self, backend: dict): ...
 
 
 def _path_part(value: str) -> str:
@@ -97,6 +99,10 @@ class RestTransport:
         """Through the gateway, with the Jupyter token."""
         return self.server.api("sage_nb/v1"), self.server.token or "none"
 
+    def http_client(self, backend: dict) -> None:
+        """None: the OpenAI client's own (the gateway wakes idle engines and counts use)."""
+        return None
+
 
 class EmbeddedTransport:
     """A control plane in this process, on the same registry a server would use."""
@@ -145,8 +151,13 @@ class EmbeddedTransport:
         return self.control_plane.settings.to_model()
 
     def endpoint(self, backend: dict) -> tuple[str, str]:
-        """Straight to the engine, with its private key."""
-        return backend["base_url"], self.control_plane.api_key(backend["id"])
+        """Straight to the engine, with its private key (see :meth:`http_client`)."""
+        return backend.get("base_url") or engine_http.PLACEHOLDER, self.control_plane.api_key(backend["id"])
+
+    def http_client(self, backend: dict):
+        """An ``httpx.Client`` that sends each request to the engine as it is now, waking it first
+        when it is idle, and counts it as use."""
+        return engine_http.http_client(self.control_plane, backend)[1]
 
 
 def connect(server: ServerInfo | None = None, *, url: str | None = None, token: str | None = None,
