@@ -13,7 +13,7 @@ import uuid
 from pathlib import Path
 
 from . import idle, placement, ports, process, validation, waking
-from .errors import BadRequest, Conflict
+from .errors import BadRequest, Conflict, NoRoom
 from .gpus import GpuInventory
 from .registry import Engine, Registry, Txn
 from .requests import LaunchRequest
@@ -108,7 +108,10 @@ class ControlPlane:
     def start(self, req: LaunchRequest, wait: bool = True, timeout: float | None = None) -> dict:
         """Launch from a validated :class:`LaunchRequest` (see :meth:`start_engine`)."""
         spec = self._size(req) if self.inventory.devices() else None
-        engine = self._book(req, spec)
+        engine, made = self.supervisor.idle.make_room(lambda: self._book(req, spec))
+        if made:
+            engine = self.registry.update(engine.id, note="; ".join(
+                n for n in (engine.note, f"made room by putting {', '.join(made)} away") if n))
         self.supervisor.launch(engine)
         return self.wait_ready(engine.id, timeout) if wait else self.engine(engine.id)
 
@@ -197,12 +200,12 @@ class ControlPlane:
             need = spec.need_mib(length, tp, req.dtype)
             try:
                 chosen = placement.choose_gpus(views, need, tp, req.gpu_ids, what)
-            except Conflict as e:
+            except NoRoom as e:
                 best = placement.best_available(views, tp, req.gpu_ids)
                 fit = spec.max_len_fitting(best, tp, req.dtype)
                 if req.max_model_len or fit < MIN_MODEL_LEN:
                     hint = f"; the largest max_model_len that fits is {fit}" if fit >= MIN_MODEL_LEN else ""
-                    raise Conflict(f"{e.message} (max_model_len {length}){hint}") from None
+                    raise NoRoom(f"{e.message} (max_model_len {length}){hint}") from None
                 engine.note = (f"max_model_len reduced from {length} to {fit} to fit the free "
                                f"memory of the GPU(s)")
                 length, need = fit, spec.need_mib(fit, tp, req.dtype)

@@ -34,6 +34,10 @@ class Conflict(ControlPlaneError):
     status = 409
 
 
+class NoRoom(Conflict):
+    """No GPU has the memory an engine needs now (409, with the numbers)."""
+
+
 class IllegalTransition(ControlPlaneError):
     """A state change the engine state machine does not allow."""
 

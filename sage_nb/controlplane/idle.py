@@ -23,7 +23,7 @@ from pathlib import Path
 import psutil
 
 from . import probes
-from .errors import BadRequest, Conflict, EngineFailed
+from .errors import BadRequest, Conflict, EngineFailed, NoRoom
 from .registry import Engine
 from .state import EngineState
 
@@ -148,6 +148,38 @@ class IdleKeeper:
                               dormant_since=time.time(), health_failures=0,
                               note="unloaded: the next request launches it again").to_model()
 
+    # ------------------------------------------------------------------ making room
+    def make_room(self, attempt, exclude: str | None = None):
+        """Run ``attempt`` (a placement). When it finds no room and ``make_room`` is on, put the
+        least-recently-used idle engines away one by one, trying again after each. Returns
+        ``(attempt's result, ["name (state)" of each engine put away])``."""
+        try:
+            return attempt(), []
+        except NoRoom as e:
+            if not self.sup.settings.make_room:
+                raise
+            refused = e
+        put: list[str] = []
+        for engine in self._lru(exclude):
+            try:
+                model = self.put_to_sleep(engine.id)
+            except (Conflict, BadRequest, LookupError):
+                continue  # busy, stopped or woken meanwhile
+            put.append(f"{engine.name} ({model['state']})")
+            try:
+                return attempt(), put
+            except NoRoom as e:
+                refused = e
+        why = f"; even after putting {', '.join(put)} away" if put else "; no idle engine could make room"
+        raise NoRoom(refused.message + why)
+
+    def _lru(self, exclude: str | None) -> list[Engine]:
+        """Ready GPU engines with a keep-alive and nothing in flight, least recently used first."""
+        engines = [e for e in self.sup.registry.engines()
+                   if e.state == EngineState.READY and e.gpu_ids and not e.adopted and e.keep_alive is not None
+                   and not self.usage.inflight.get(e.id) and e.id != exclude]
+        return sorted(engines, key=self.idle_since)
+
     # ------------------------------------------------------------------ waking a sleeping engine
     def wake_up(self, engine: Engine) -> None:
         """``/wake_up`` a ``waking`` engine (its booking already grown back), then mark it ready;
@@ -170,9 +202,11 @@ class IdleKeeper:
     def mark_awake(self, engine_id: str) -> None:
         now = time.time()
         with self.sup.registry.transaction() as txn:
-            if txn.get(engine_id).state == EngineState.WAKING:
+            engine = txn.get(engine_id)
+            if engine.state == EngineState.WAKING:
+                note = engine.note if (engine.note or "").startswith("made room") else None
                 txn.update(engine_id, state=EngineState.READY, ready_at=now, last_used_at=now, sleep_level=None,
-                           dormant_since=None, wake_started_at=None, health_failures=0, note=None)
+                           dormant_since=None, wake_started_at=None, health_failures=0, note=note)
 
     # ------------------------------------------------------------------ after a restart
     def rediscover(self, engine: Engine) -> None:
@@ -220,6 +254,9 @@ class IdleKeeper:
                 self._finish_wake(engine)
 
     def _flush(self, engines: list[Engine]) -> None:
+        now = time.time()
+        for engine_id in list(self.usage.inflight):  # in use now: other processes must see it too
+            self.usage.last[engine_id] = now
         last = self.usage.last
         stale = [(e.id, last[e.id]) for e in engines
                  if e.id in last and last[e.id] - (e.last_used_at or 0.0) > FLUSH_S]

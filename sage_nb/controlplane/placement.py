@@ -8,7 +8,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from .errors import BadRequest, Conflict
+from .errors import BadRequest, NoRoom
 from .gpus import GpuDevice
 
 
@@ -74,11 +74,11 @@ def choose_gpus(views: list[GpuView], need_mib: int, count: int,
             raise BadRequest(f"gpu_ids names {len(gpu_ids)} GPU(s) but tensor_parallel_size is {count}")
         candidates = [by_index[i] for i in gpu_ids]
     if len(views) < count:
-        raise Conflict(f"{what} needs {count} GPU(s) but this machine has {len(views)}")
+        raise NoRoom(f"{what} needs {count} GPU(s) but this machine has {len(views)}")
     fitting = sorted((v for v in candidates if v.available_mib >= need_mib),
                      key=lambda v: (v.available_mib, v.device.index))
     if len(fitting) < count:
-        raise Conflict(f"no GPU has room for {what}: needs {need_mib} MiB on each of {count} "
+        raise NoRoom(f"no GPU has room for {what}: needs {need_mib} MiB on each of {count} "
                        f"GPU(s); free: {describe(candidates)}")
     return sorted(fitting[:count], key=lambda v: v.device.index)
 

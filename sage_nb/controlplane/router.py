@@ -150,6 +150,11 @@ class Router:
             entry["engines"].append({"id": e.id, "name": e.name, "state": e.state})
         return list(out.values())
 
+    def is_idle(self, engine_id: str) -> bool:
+        """Whether the engine is sleeping, unloaded or waking (a request for it may wait)."""
+        self.refresh()
+        return any(e.id == engine_id for e in self.index().idle)
+
     def wakeable(self, kind: str | None, model: str | None = None) -> Engine | None:
         """An idle engine a request for ``model`` may wake (see :meth:`BackendIndex.wakeable`)."""
         return self.index().wakeable(kind, model)

@@ -145,6 +145,9 @@ class Settings:
                                       "CUDA context and allocator pools).")
     wake_timeout: float = setting(0.0, "Seconds a request waits for an idle engine to wake "
                                   "(0: the startup timeout).")
+    make_room: bool = setting(False, "A start or wake that finds no GPU room first puts the least-"
+                              "recently-used idle engines with a keep-alive to sleep (or unloads "
+                              "them), one by one, and says which.")
     adopt_unrecorded: bool = setting(True, "Adopt vLLM servers of this user that sage_nb did not "
                                      "start (found by their command line at discovery).")
 

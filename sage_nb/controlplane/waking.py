@@ -12,7 +12,7 @@ import threading
 import time
 
 from . import placement, ports
-from .errors import Conflict, EngineFailed, WakeTimeout
+from .errors import Conflict, EngineFailed, NoRoom, WakeTimeout
 from .registry import Engine
 from .requests import LaunchRequest
 from .state import EngineState
@@ -31,12 +31,14 @@ def wake(cp, engine_id: str, wait: bool = True, timeout: float | None = None) ->
     if engine.state == EngineState.UNLOADED:
         req = relaunch_request(engine)
         spec = cp._size(req) if cp.inventory.devices() else None
-        mine = _relaunch(cp, engine_id, req, spec)
+        mine, made = cp.supervisor.idle.make_room(lambda: _relaunch(cp, engine_id, req, spec), engine_id)
         if mine is not None:
+            mine = _made_room(cp, mine, made)
             cp.supervisor.launch(mine)
     elif engine.state == EngineState.SLEEPING:
-        mine = _rebook(cp, engine_id)
+        mine, made = cp.supervisor.idle.make_room(lambda: _rebook(cp, engine_id), engine_id)
         if mine is not None:
+            mine = _made_room(cp, mine, made)
             if wait:
                 cp.supervisor.idle.wake_up(mine)
             else:
@@ -63,6 +65,12 @@ def relaunch_request(engine: Engine) -> LaunchRequest:
     return LaunchRequest(**engine.request)
 
 
+def _made_room(cp, engine: Engine, made: list[str]) -> Engine:
+    if not made:
+        return engine
+    return cp.registry.update(engine.id, note=f"made room by putting {', '.join(made)} away")
+
+
 def _wake_quietly(cp, engine: Engine) -> None:
     try:
         cp.supervisor.idle.wake_up(engine)
@@ -81,8 +89,8 @@ def _relaunch(cp, engine_id: str, req: LaunchRequest, spec) -> Engine | None:
         engine.max_model_len, engine.gpu_memory_utilization = req.max_model_len, None
         try:
             views = cp._placed(txn, engine, req, spec)
-        except Conflict as e:
-            raise Conflict(f"engine {engine.name!r} cannot wake: {e.message}") from None
+        except NoRoom as e:
+            raise NoRoom(f"engine {engine.name!r} cannot wake: {e.message}") from None
         engine.port = ports.lease(txn, engine_id, cp.settings.port_range, req.port)
         cp._book_gpus(txn, engine, views)
         txn.save(engine)
@@ -106,6 +114,6 @@ def _rebook(cp, engine_id: str) -> Engine | None:
             if short:
                 need = ", ".join(f"{mib} MiB more on GPU{g}" for g, mib in short)
                 free = placement.describe([views[g] for g in engine.gpu_ids if g in views])
-                raise Conflict(f"engine {engine.name!r} cannot wake: it needs {need}; available: {free}")
+                raise NoRoom(f"engine {engine.name!r} cannot wake: it needs {need}; available: {free}")
             txn.resize_bookings(engine_id, per_gpu)
         return txn.update(engine_id, state=EngineState.WAKING, wake_started_at=time.time())

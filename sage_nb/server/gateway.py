@@ -95,6 +95,7 @@ class ProxyHandler(GatewayHandler):
         self.kind, self.upstream = ROUTES[route]
         self.client_gone = False
         self.engine_lost = False
+        self.went_idle = False  # the engine went to sleep before it answered: the request waits for its wake
         self.upstream_started = False
         self.exchange: asyncio.Future | None = None
         self.lost: list[str] = []  # why each replica tried was given up
@@ -111,6 +112,7 @@ class ProxyHandler(GatewayHandler):
 
     async def proxy(self) -> None:
         """Route the request's body to an engine and pass its answer back."""
+        self.update_api_activity()  # now, not only when it ends: a stream or a wake may take minutes
         body = self.json_body()
         model = body.get("model")
         if model is not None and not isinstance(model, str):
@@ -146,6 +148,9 @@ class ProxyHandler(GatewayHandler):
                           engine.base_url, (time.perf_counter() - t0) * 1000)
             if done:
                 return
+            if self.went_idle:  # put to sleep while the request waited for its answer: wake it
+                self.went_idle = self.engine_lost = False
+                continue
             tried.add(engine.id)  # connection failed before the first byte: try another replica
 
     async def _forward(self, engine, payload: bytes, stream: bool) -> bool:
@@ -166,6 +171,9 @@ class ProxyHandler(GatewayHandler):
             # way the upstream connection is closed and the engine stops working on the request
             if self.engine_lost:
                 if not self.upstream_started:
+                    if self.settings["sage_nb_router"].is_idle(engine.id):
+                        self.went_idle = True
+                        return False
                     raise ApiError(504, f"engine {engine.name!r} stopped being ready while answering; "
                                         "see %llm engines / its logs") from None
             elif not self.client_gone:

@@ -81,9 +81,16 @@ class SageHandler(ExtensionHandlerMixin, APIHandler):
         self.finish(json.dumps(model))
 
 
-class EnginesHandler(SageHandler):
-    _track_activity = False  # polled by dashboards: must not keep an idle server alive
+class ReadOnlyPolled(SageHandler):
+    """Dashboards poll its GETs: they must not keep an idle server alive; its changes (start, stop,
+    sleep...) are the user's activity."""
 
+    @property
+    def _track_activity(self) -> bool:
+        return self.request.method != "GET"
+
+
+class EnginesHandler(ReadOnlyPolled):
     @web.authenticated
     @authorized
     async def get(self) -> None:
@@ -101,9 +108,7 @@ class EnginesHandler(SageHandler):
         self.reply(await self.call(self.cp.start, req, wait=False), 202)
 
 
-class EngineHandler(SageHandler):
-    _track_activity = False
-
+class EngineHandler(ReadOnlyPolled):
     @web.authenticated
     @authorized
     async def get(self, engine_id: str) -> None:

@@ -145,3 +145,34 @@ def test_concurrent_wakes_share_one(stub_cp, model_dir):
     engine = cp.registry.find("shared")
     assert probes.get(engine.host, engine.port, "/is_sleeping", engine.api_key).json() == {
         "is_sleeping": False, "wakes": 1}
+
+
+def test_make_room_puts_the_least_recently_used_idle_engine_away(stub_cp, model_dir):
+    box = [{"name": "NVIDIA A4000", "total_mib": 16384, "used_mib": 0, "uuid": "GPU-m"}]  # two 5761 MiB engines
+    cp = stub_cp(fake_gpus=box, sleep_mode="on", make_room=True)
+    first = cp.start_engine(str(model_dir(4)), name="first", max_model_len=1024, keep_alive="1h")
+    cp.note_use(first["id"])
+    second = cp.start_engine(str(model_dir(4)), name="second", max_model_len=1024, keep_alive="1h")
+    assert cp.engine("first")["state"] == "ready"  # it fitted beside: nothing put away
+    cp.note_use(second["id"])  # now "first" is the least recently used
+    third = cp.start_engine(str(model_dir(4)), name="third", max_model_len=1024)
+    assert cp.engine("first")["state"] == "sleeping" and cp.engine("second")["state"] == "ready"
+    assert "made room by putting first (sleeping) away" in third["note"]
+    # a wake that needs room puts the next least recently used away; one kept forever is never touched
+    cp.set_keep_alive("third", -1)
+    woke = cp.wake_engine("first")
+    assert woke["state"] == "ready" and "second (sleeping)" in woke["note"]
+    assert cp.engine("third")["state"] == "ready"
+
+
+def test_without_make_room_or_idle_engines_a_start_is_refused(stub_cp, model_dir):
+    cp = stub_cp(fake_gpus=SMALL, sleep_mode="on")
+    cp.start_engine(str(model_dir(4)), name="first", max_model_len=1024, keep_alive="1h")
+    with pytest.raises(Conflict, match="no GPU has room"):
+        cp.start_engine(str(model_dir(4)), name="second", max_model_len=1024)
+    assert cp.engine("first")["state"] == "ready"
+    cp = stub_cp(fake_gpus=SMALL, sleep_mode="on", make_room=True)  # a second control plane, same registry
+    cp.set_keep_alive("first", None)  # kept forever: not to be put away
+    with pytest.raises(Conflict, match="no GPU has room.*; no idle engine could make room"):
+        cp.start_engine(str(model_dir(4)), name="second", max_model_len=1024)
+    assert [e["name"] for e in cp.engines()] == ["first"] and cp.engine("first")["state"] == "ready"
