@@ -354,3 +354,16 @@ async def test_a_request_in_flight_keeps_the_engine_awake_for_every_process(jp_f
     await stream
     assert b"data: [DONE]" in b"".join(chunks)  # not cut off mid-stream
     assert state == "ready"  # the server wrote "in use now" to the registry on each monitor pass
+
+
+@on_box
+@pytest.mark.parametrize("stub_env", [{"STUB_REPLY_MS": "2000"}], ids=["slow"])
+async def test_a_request_whose_engine_falls_asleep_before_answering_waits_for_its_wake(jp_fetch, model_dir, state_dir):
+    e = await start(jp_fetch, model_dir(1), name="drowsy")
+    pending = asyncio.ensure_future(call(jp_fetch, *CHAT, method="POST", body=chat_body("drowsy")))
+    await asyncio.sleep(0.3)  # the engine has the request, its answer 1.7 s away
+    code, slept = await sleep(jp_fetch, e["id"])
+    assert code == 200 and slept["state"] == "sleeping"
+    code, reply = await pending  # the watchdog gave it up unanswered; it waited for the wake and went again
+    assert code == 200 and reply["served_by"] == e["port"]
+    assert stub_state(state_dir, e) == {"is_sleeping": False, "wakes": 1}

@@ -30,6 +30,7 @@ Environment (a flag is on for any non-empty value):
 - ``STUB_SLEEP_MS`` / ``STUB_WAKE_MS``: how long ``/sleep`` / ``/wake_up`` take (default 0); other
   connections are served meanwhile, and the engine falls asleep or wakes even if the caller hangs up.
 - ``STUB_WAKE_FAIL``: ``/wake_up`` fails, a 500, and the engine stays asleep.
+- ``STUB_REPLY_MS``: how long a plain (not streamed) chat or completion takes to answer (default 0).
 
 A test injects a fault with a body field ``"stub_fault": {"port": P, "do": "die" | "drop"}``: the
 engine on port P, once it has read the request, SIGKILLs itself without answering ("die"), or closes
@@ -116,6 +117,7 @@ class Stub:
         self.sleep_delay = float(env.get("STUB_SLEEP_MS") or 0) / 1000
         self.wake_delay = float(env.get("STUB_WAKE_MS") or 0) / 1000
         self.wake_fails = bool(env.get("STUB_WAKE_FAIL"))
+        self.reply_delay = float(env.get("STUB_REPLY_MS") or 0) / 1000
         self.sleeping = False
         self.wakes = 0  # wake_ups served
         self.ops: set[asyncio.Task] = set()  # sleeps and wake_ups under way
@@ -333,6 +335,8 @@ class Http(asyncio.Protocol):
                 return self.send(ASLEEP, keep)
             if req.get("stream"):
                 return self.stream(stub.events(path, model), keep)
+            if stub.reply_delay:
+                return self.delayed(stub.reply(path, model), keep)
             return self.send(stub.reply(path, model), keep)
         if path == EMBEDDINGS and stub.pooling:
             if stub.sleeping:
@@ -377,6 +381,16 @@ class Http(asyncio.Protocol):
         task.add_done_callback(stub.ops.discard)
         self.busy = True
         self.task = asyncio.get_running_loop().create_task(self._later(task, keep))
+
+    def delayed(self, reply: bytes, keep: bool) -> None:
+        """A reply that takes ``STUB_REPLY_MS`` to generate (dropped if the client goes away)."""
+        async def generate() -> bytes:
+            await asyncio.sleep(self.stub.reply_delay)
+            return reply
+
+        loop = asyncio.get_running_loop()
+        self.busy = True
+        self.task = loop.create_task(self._later(loop.create_task(generate()), keep))
 
     async def _later(self, op: asyncio.Task, keep: bool) -> None:
         """The reply of ``op``, once it is done; then the requests that came after it."""
