@@ -46,52 +46,30 @@ import os
 import signal
 import socket
 import time
-from http import HTTPStatus
 from urllib.parse import parse_qs
 
-MAX_HEAD = 64 * 1024  # bytes of request line and headers
+from .stub_http import (
+    ASLEEP,
+    AWAKE,
+    CONTINUE,
+    DONE,
+    MAX_HEAD,
+    NOT_ALLOWED,
+    NOT_FOUND,
+    STREAM_HEAD,
+    UNAUTHORIZED,
+    WAKE_FAILED,
+    bad_request,
+    closing,
+    frame,
+    parse_head,
+    response,
+)
+
 CACHE_SIZE = 256  # replies precomputed per (route, model, ...); cleared when full
 CHAT, COMPLETIONS, EMBEDDINGS = "/v1/chat/completions", "/v1/completions", "/v1/embeddings"
 SLEEP, WAKE_UP, IS_SLEEPING = "/sleep", "/wake_up", "/is_sleeping"
 DEV_ROUTES = frozenset({SLEEP, WAKE_UP, IS_SLEEPING})  # vLLM's, with VLLM_SERVER_DEV_MODE=1
-
-
-def response(status: int, body: dict | bytes, ctype: bytes = b"application/json") -> bytes:
-    """A whole HTTP/1.1 reply with a content-length (the connection stays open)."""
-    data = body if isinstance(body, bytes) else json.dumps(body).encode()
-    return (b"HTTP/1.1 %d %s\r\ncontent-type: %s\r\ncontent-length: %d\r\n\r\n"
-            % (status, HTTPStatus(status).phrase.encode(), ctype, len(data))) + data
-
-
-def closing(reply: bytes) -> bytes:
-    """The same reply, announcing that the connection closes after it."""
-    return reply.replace(b"\r\n\r\n", b"\r\nconnection: close\r\n\r\n", 1)
-
-
-def frame(data: bytes) -> bytes:
-    """One chunk of a chunked body."""
-    return b"%x\r\n%s\r\n" % (len(data), data)
-
-
-def error(status: int, kind: str, message: str) -> bytes:
-    return response(status, {"error": {"message": message, "type": kind, "param": None, "code": status}})
-
-
-def bad_request(message: str) -> bytes:
-    return error(400, "BadRequestError", message)
-
-
-UNAUTHORIZED = response(401, {"error": "Unauthorized"})
-NOT_FOUND = response(404, {"detail": "Not Found"})
-NOT_ALLOWED = response(405, {"detail": "Method Not Allowed"})
-CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
-ASLEEP = error(503, "ServiceUnavailableError", "the engine is sleeping")
-WAKE_FAILED = error(500, "InternalServerError", "wake_up failed (STUB_WAKE_FAIL)")
-AWAKE = response(200, {"status": "awake", "tags": None})
-# like uvicorn, a stream is chunked even when the connection closes after it
-STREAM_HEAD = (b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ncache-control: no-cache\r\n"
-               b"transfer-encoding: chunked\r\n\r\n")
-DONE = frame(b"data: [DONE]\n\n") + b"0\r\n\r\n"
 
 
 class BadBody(ValueError):
@@ -202,31 +180,6 @@ class Stub:
             "id": "embd-stub", "object": "list", "created": self.created, "model": model, "served_by": self.port,
             "usage": {"prompt_tokens": n, "completion_tokens": 0, "total_tokens": n},
             "data": [{"object": "embedding", "index": i, "embedding": [0.5, 0.5]} for i in range(n)]}))
-
-
-def parse_head(head: bytes) -> tuple[str, str, bool, dict, int, str]:
-    """``(method, path, keep_alive, headers, body length, query)``; ValueError when malformed (a chunked
-    request body too: no client of an engine sends one)."""
-    lines = head.decode("latin-1").split("\r\n")
-    method, target, version = lines[0].split(" ")
-    if not version.startswith("HTTP/1."):
-        raise ValueError(f"unsupported protocol {version!r}")
-    headers = {}
-    for line in lines[1:]:
-        name, sep, value = line.partition(":")
-        if not sep or not name or name != name.strip():
-            raise ValueError(f"bad header line {line!r}")
-        headers[name.lower()] = value.strip()
-    connection = headers.get("connection", "").lower()
-    keep = "keep-alive" in connection if version == "HTTP/1.0" else "close" not in connection
-    if "transfer-encoding" in headers:
-        raise ValueError(f"unsupported transfer-encoding {headers['transfer-encoding']!r}")
-    length_text = headers.get("content-length", "0")
-    if not (length_text.isascii() and length_text.isdigit()):
-        raise ValueError(f"bad content-length {length_text!r}")
-    length = int(length_text)
-    path, _, query = target.partition("?")
-    return method, path, keep, headers, length, query
 
 
 class Http(asyncio.Protocol):
