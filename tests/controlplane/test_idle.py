@@ -5,6 +5,7 @@ The real-engine versions are in tests/server/test_idle_vllm.py."""
 import threading
 import time
 
+import psutil
 import pytest
 
 from sage_nb.controlplane import BadRequest, Conflict, LaunchRequest, probes
@@ -176,3 +177,21 @@ def test_without_make_room_or_idle_engines_a_start_is_refused(stub_cp, model_dir
     with pytest.raises(Conflict, match="no GPU has room.*; no idle engine could make room"):
         cp.start_engine(str(model_dir(4)), name="second", max_model_len=1024)
     assert [e["name"] for e in cp.engines()] == ["first"] and cp.engine("first")["state"] == "ready"
+
+
+def test_stop_and_prune_work_from_sleeping_and_unloaded_and_discovery_keeps_them(stub_cp, model_dir):
+    cp = stub_cp(fake_gpus=BOX, sleep_mode="on")
+    asleep = cp.start_engine(str(model_dir(1)), name="asleep")
+    cp.start_engine(str(model_dir(1)), name="away")
+    cp.sleep_engine("asleep", "sleep")
+    cp.sleep_engine("away", "unload")
+    again = stub_cp(fake_gpus=BOX, sleep_mode="on")  # a restarted server on the same registry
+    report = again.discover()
+    assert asleep["id"] in report["reattached"] and report["failed"] == []
+    assert again.engine("asleep")["state"] == "sleeping" and again.engine("away")["state"] == "unloaded"
+    tree = group_members(asleep["pid"])
+    assert again.stop_engine("asleep")["state"] == "stopped"
+    assert not [p for p in tree if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]  # cp's own child: unreaped
+    assert again.stop_engine("away")["state"] == "stopped"
+    ids = sorted(e["id"] for e in again.engines())
+    assert sorted(again.prune()) == ids and again.engines() == [] and leases(again) == ({}, [])
