@@ -35,6 +35,9 @@ class GatewayTransport:
     def endpoint(self, backend: dict) -> tuple[str, str]:
         return self.server.api("sage_nb/v1"), self.server.token
 
+    def engines(self) -> list[dict]:
+        return self.list
+
     def http_client(self, backend: dict) -> None:
         return None  # the gateway wakes idle engines: the OpenAI client's own HTTP client
 
