@@ -5,13 +5,16 @@ methods: :class:`RestTransport` talks to the Jupyter server's sage_nb extension,
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 from urllib.parse import quote
 
 from sage_nb.controlplane import ControlPlane, LaunchRequest, NotFound, validation
 
 from . import engine_http
 from .connection import ServerInfo, find_server, reachable, request
+
+if TYPE_CHECKING:
+    import httpx
 
 
 class Transport(Protocol):
@@ -35,7 +38,7 @@ class Transport(Protocol):
     def set_keep_alive(self, id_or_name: str, keep_alive: float | str | None) -> dict: ...
     def settings(self) -> dict: ...
     def endpoint(self, backend: dict) -> tuple[str, str]: ...
-    def http_client(self, backend: dict): ...
+    def http_client(self, backend: dict) -> httpx.Client | None: ...
 
 
 def _path_part(value: str) -> str:
@@ -99,7 +102,7 @@ class RestTransport:
         """Through the gateway, with the Jupyter token."""
         return self.server.api("sage_nb/v1"), self.server.token or "none"
 
-    def http_client(self, backend: dict) -> None:
+    def http_client(self, backend: dict) -> httpx.Client | None:
         """None: the OpenAI client's own (the gateway wakes idle engines and counts use)."""
         return None
 
@@ -154,7 +157,7 @@ class EmbeddedTransport:
         """Straight to the engine, with its private key (see :meth:`http_client`)."""
         return backend.get("base_url") or engine_http.PLACEHOLDER, self.control_plane.api_key(backend["id"])
 
-    def http_client(self, backend: dict):
+    def http_client(self, backend: dict) -> httpx.Client | None:
         """An ``httpx.Client`` that sends each request to the engine as it is now, waking it first
         when it is idle, and counts it as use."""
         return engine_http.http_client(self.control_plane, backend)[1]

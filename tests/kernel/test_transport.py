@@ -32,6 +32,9 @@ class OneEngineTransport:
     def endpoint(self, backend):
         return backend["base_url"], "key-of-" + backend["id"]
 
+    def http_client(self, backend):
+        return None  # the OpenAI client's own
+
     def engine(self, id_or_name):
         return self.engine_model
 
