@@ -126,14 +126,15 @@ class IdleKeeper:
         with self.sup.registry.transaction() as txn:
             if txn.get(engine.id).state != EngineState.SLEEPING:
                 return txn.get(engine.id).to_model()  # stopped meanwhile
-            if reply.status != 200:
-                why = reply.error or f"HTTP {reply.status}: {reply.body[:200].decode(errors='replace')}"
-                txn.update(engine.id, state=EngineState.READY, note=f"sleep refused: {why}")
-                raise Conflict(f"engine {engine.name!r} did not go to sleep ({why}); it stays ready")
-            residual = min(self.sup.settings.sleep_residual_mib, engine.booked_mib // max(1, len(engine.gpu_ids)))
-            txn.resize_bookings(engine.id, residual)
-            return txn.update(engine.id, sleep_level=level, dormant_since=time.time(), health_failures=0,
-                              note=f"sleeping (level {level}): {residual} MiB per GPU kept").to_model()
+            if reply.status == 200:
+                residual = min(self.sup.settings.sleep_residual_mib, engine.booked_mib // max(1, len(engine.gpu_ids)))
+                txn.resize_bookings(engine.id, residual)
+                return txn.update(engine.id, sleep_level=level, dormant_since=time.time(), health_failures=0,
+                                  note=f"sleeping (level {level}): {residual} MiB per GPU kept").to_model()
+            why = reply.error or f"HTTP {reply.status}: {reply.body[:200].decode(errors='replace')}"
+            # as if just used: the idle check tries again after another keep-alive, not every pass
+            txn.update(engine.id, state=EngineState.READY, note=f"sleep refused: {why}", last_used_at=time.time())
+        raise Conflict(f"engine {engine.name!r} did not go to sleep ({why}); it stays ready")  # after the commit
 
     def _unload(self, engine: Engine) -> dict:
         left = self.sup._kill(engine, self.sup.settings.stop_grace)

@@ -195,3 +195,24 @@ def test_stop_and_prune_work_from_sleeping_and_unloaded_and_discovery_keeps_them
     assert again.stop_engine("away")["state"] == "stopped"
     ids = sorted(e["id"] for e in again.engines())
     assert sorted(again.prune()) == ids and again.engines() == [] and leases(again) == ({}, [])
+
+
+def test_an_engine_that_refuses_to_sleep_stays_ready_and_is_not_asked_every_pass(stub_cp, model_dir, monkeypatch):
+    cp = stub_cp(fake_gpus=BOX, sleep_mode="on", monitor=False)
+    e = cp.start_engine(str(model_dir(1)), name="insomniac", keep_alive=30)
+    calls = []
+    real = probes.call
+
+    def refuse(host, port, method, path, *args, **kwargs):
+        if path.startswith("/sleep"):
+            calls.append(path)
+            return probes.Reply(500, b'{"error": "CUDA error"}')
+        return real(host, port, method, path, *args, **kwargs)
+
+    monkeypatch.setattr(probes, "call", refuse)
+    with pytest.raises(Conflict, match="did not go to sleep .*HTTP 500.*it stays ready"):
+        cp.sleep_engine("insomniac", "sleep")
+    after = cp.engine("insomniac")
+    assert after["state"] == "ready" and after["note"].startswith("sleep refused")
+    assert leases(cp)[1][0][3] == e["booked_mib"]  # the booking never shrank
+    assert after["last_used_at"] > e["ready_at"] and after["idle_at"] > time.time() + 25  # a fresh keep-alive
