@@ -46,11 +46,9 @@ import os
 import signal
 import socket
 import time
-from urllib.parse import parse_qs
 
 from .stub_http import (
     ASLEEP,
-    AWAKE,
     CONTINUE,
     DONE,
     MAX_HEAD,
@@ -58,25 +56,23 @@ from .stub_http import (
     NOT_FOUND,
     STREAM_HEAD,
     UNAUTHORIZED,
-    WAKE_FAILED,
     bad_request,
     closing,
     frame,
     parse_head,
     response,
 )
+from .stub_sleep import DEV_ROUTES, SleepMode, SleepRoutes
 
 CACHE_SIZE = 256  # replies precomputed per (route, model, ...); cleared when full
 CHAT, COMPLETIONS, EMBEDDINGS = "/v1/chat/completions", "/v1/completions", "/v1/embeddings"
-SLEEP, WAKE_UP, IS_SLEEPING = "/sleep", "/wake_up", "/is_sleeping"
-DEV_ROUTES = frozenset({SLEEP, WAKE_UP, IS_SLEEPING})  # vLLM's, with VLLM_SERVER_DEV_MODE=1
 
 
 class BadBody(ValueError):
     """A request body that vLLM would refuse with a 400."""
 
 
-class Stub:
+class Stub(SleepMode):
     """What the engine serves: its settings from the command line and environment, and its replies,
     precomputed once (fixed ones) or on first use (those that depend on the request's model)."""
 
@@ -156,19 +152,6 @@ class Stub:
             raw.append(frame(b"data: " + json.dumps(event).encode() + b"\n\n"))
         return raw
 
-    async def sleep(self, level: int) -> bytes:
-        await asyncio.sleep(self.sleep_delay)
-        self.sleeping = True
-        return response(200, {"status": "sleeping", "level": level})
-
-    async def wake_up(self) -> bytes:
-        await asyncio.sleep(self.wake_delay)
-        if self.wake_fails:
-            return WAKE_FAILED
-        self.sleeping = False
-        self.wakes += 1
-        return AWAKE
-
     def tokenize(self, path: str, req: dict) -> dict:
         if path == "/detokenize":
             return {"prompt": "".join(chr(t) for t in req.get("tokens") or []), "served_by": self.port}
@@ -182,7 +165,7 @@ class Stub:
             "data": [{"object": "embedding", "index": i, "embedding": [0.5, 0.5]} for i in range(n)]}))
 
 
-class Http(asyncio.Protocol):
+class Http(SleepRoutes, asyncio.Protocol):
     """One client connection: HTTP/1.1 keep-alive, requests answered in order."""
 
     def __init__(self, stub: Stub) -> None:
@@ -301,39 +284,6 @@ class Http(asyncio.Protocol):
                 return self.send(stub.embeddings(model, len(inputs)), keep)
             return self.send(bad_request("bad request: 'input' must be a string or a list"), keep)
         return self.send(NOT_FOUND, keep)
-
-    def dev(self, method: str, path: str, query: str, headers: dict, keep: bool) -> None:
-        """Sleep mode's routes (the body, if any, is ignored)."""
-        stub = self.stub
-        if stub.auth and headers.get("authorization") != stub.auth:  # what sage_nb's KeyGuard adds to vLLM
-            return self.send(UNAUTHORIZED, keep)
-        if not stub.dev_mode:
-            return self.send(NOT_FOUND, keep)
-        if path == IS_SLEEPING:
-            if method != "GET":
-                return self.send(NOT_ALLOWED, keep)
-            return self.send(response(200, {"is_sleeping": stub.sleeping, "wakes": stub.wakes}), keep)
-        if method != "POST":
-            return self.send(NOT_ALLOWED, keep)
-        if path == WAKE_UP:
-            op = stub.wake_up()
-        else:
-            levels = parse_qs(query).get("level") or ["1"]
-            level = int(levels[-1]) if levels[-1].isascii() and levels[-1].isdigit() else -1
-            if not 0 <= level <= 2:
-                return self.send(bad_request(f"bad request: level must be 0, 1 or 2, not {levels[-1]!r}"), keep)
-            if not stub.sleep_mode:
-                return self.send(bad_request("sleep mode is not enabled (start with --enable-sleep-mode)"), keep)
-            op = stub.sleep(level)
-        if stub.hang:  # a stuck EngineCore answers neither
-            op.close()
-            self.busy = True
-            return
-        task = asyncio.get_running_loop().create_task(op)
-        stub.ops.add(task)  # it runs to its end even if this connection is lost
-        task.add_done_callback(stub.ops.discard)
-        self.busy = True
-        self.task = asyncio.get_running_loop().create_task(self._later(task, keep))
 
     def delayed(self, reply: bytes, keep: bool) -> None:
         """A reply that takes ``STUB_REPLY_MS`` to generate (dropped if the client goes away)."""
