@@ -15,6 +15,7 @@ from pathlib import Path
 from . import idle, placement, ports, process, validation, waking
 from .errors import BadRequest, Conflict, NoRoom
 from .gpus import GpuInventory
+from .ledger import SharedLedger, reap
 from .registry import Engine, Registry, Txn
 from .requests import LaunchRequest
 from .settings import Settings
@@ -30,7 +31,8 @@ class ControlPlane:
     def __init__(self, settings: Settings | None = None, *, monitor: bool = True,
                  **overrides) -> None:
         self.settings = settings or Settings(**overrides)
-        self.registry = Registry(self.settings.db_path)
+        shared = SharedLedger(self.settings.shared_ledger) if self.settings.shared_ledger else None
+        self.registry = Registry(self.settings.db_path, shared)
         self.inventory = GpuInventory(self.settings.fake_gpus, self.settings.use_nvml)
         self.supervisor = Supervisor(self.registry, self.settings, self.inventory, monitor)
 
@@ -62,7 +64,8 @@ class ControlPlane:
 
     def gpus(self) -> list[dict]:
         """Each GPU with total, used, free, booked and available MiB ([] without GPUs)."""
-        with self.registry.snapshot() as txn:
+        # with a shared ledger this reaps other users' stale bookings: a write
+        with self.registry.transaction() if self.registry.ledger else self.registry.snapshot() as txn:
             return [v.to_model() for v in self._views(txn)]
 
     def gpu_report(self) -> dict:
@@ -76,11 +79,16 @@ class ControlPlane:
         if not devices:
             return []
         bookings = txn.bookings()
+        foreign = []
+        if txn.ledger is not None:  # every other user's bookings too (the stale ones reaped first)
+            reap(txn.ledger)
+            foreign = txn.foreign_bookings()
+            bookings += [(r["engine_id"], r["gpu_index"], r["gpu_uuid"], r["mib"]) for r in foreign]
         pids: dict[str, set[int]] = {}
         if bookings and any(d.process_mib for d in devices):  # NVML lists processes: match engines
-            engines = {e.id: e for e in txn.engines()}
-            pids = {eid: process.tree_pids(engines[eid].pid, engines[eid].create_time)
-                    for eid in {b[0] for b in bookings} if eid in engines}
+            engines = {e.id: (e.pid, e.create_time) for e in txn.engines()}
+            engines.update({r["engine_id"]: (r["pid"], r["start_time"]) for r in foreign})
+            pids = {eid: process.tree_pids(*engines[eid]) for eid in {b[0] for b in bookings} if eid in engines}
         return placement.gpu_views(devices, bookings, pids)
 
     # ------------------------------------------------------------------ start
@@ -128,8 +136,8 @@ class ControlPlane:
         ``start_engine`` when it would refuse; leases and books nothing."""
         req = LaunchRequest(model=model, kind=kind, **options)
         spec = self._size(req) if self.inventory.devices() else None
-        with self.registry.snapshot() as txn:
-            return self._decide(txn, req, spec, "(plan)")[0].to_model()
+        with self.registry.transaction() if self.registry.ledger else self.registry.snapshot() as txn:
+            return self._decide(txn, req, spec, "(plan)")[0].to_model()  # writes nothing but the reaping
 
     def _decide(self, txn: Txn, req: LaunchRequest, spec: ModelSpec | None,
                 engine_id: str) -> tuple[Engine, list[placement.GpuView]]:

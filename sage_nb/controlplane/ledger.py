@@ -19,6 +19,7 @@ import os
 import pwd
 import sqlite3
 import stat
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -132,19 +133,20 @@ class SharedLedger:
         if problems:
             raise LedgerError(f"the shared GPU ledger {self.directory} cannot be used: {'; '.join(problems)}. "
                               f"{fix_hint(self.directory)}")
-        self._conn: sqlite3.Connection | None = None
+        self._local = threading.local()  # one connection per thread, as the registry has
         with self.transaction() as conn:
             conn.execute(SCHEMA)
 
     def _connect(self) -> sqlite3.Connection:
-        if self._conn is None:
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
             old = os.umask(0o007)
             try:
                 # SQLite makes the -wal and -shm files with the database file's mode, and makes that
                 # file 0644 less the umask: create it 0660 first, so every file is group read-write
                 fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o660)
                 os.close(fd)
-                conn = sqlite3.connect(self.path, timeout=30.0, isolation_level=None, check_same_thread=False)
+                conn = sqlite3.connect(self.path, timeout=30.0, isolation_level=None)
                 conn.execute("PRAGMA busy_timeout=30000")
                 if conn.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
                     conn.execute("PRAGMA journal_mode=WAL")
@@ -152,8 +154,8 @@ class SharedLedger:
                 raise self._explain(e) from None
             finally:
                 os.umask(old)
-            self._conn = conn
-        return self._conn
+            self._local.conn = conn
+        return conn
 
     def _explain(self, error: Exception) -> LedgerError:
         problems = check(self.directory)

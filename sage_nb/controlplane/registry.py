@@ -20,6 +20,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from .errors import NotFound, StateError
+from .ledger import SharedLedger
 from .state import EngineState, check_transition
 
 SCHEMA = """
@@ -141,10 +142,13 @@ def idle_at(record: dict) -> float | None:
 
 
 class Txn:
-    """Operations inside one write transaction (see :meth:`Registry.transaction`)."""
+    """Operations inside one write transaction (see :meth:`Registry.transaction`). With a shared
+    ledger (``ledger``: its connection, in its own transaction), every change of a GPU booking is
+    made there too, so the bookings of every user of the box meet in one place."""
 
-    def __init__(self, conn: sqlite3.Connection) -> None:
+    def __init__(self, conn: sqlite3.Connection, ledger: sqlite3.Connection | None = None) -> None:
         self.conn = conn
+        self.ledger = ledger
 
     # engines -------------------------------------------------------------
     def engines(self) -> list[Engine]:
@@ -196,6 +200,9 @@ class Txn:
         for key, value in changes.items():
             setattr(engine, key, value)
         self.save(engine)
+        if self.ledger is not None and ("pid" in changes or "create_time" in changes):
+            self.ledger.execute("UPDATE bookings SET pid = ?, start_time = ? WHERE engine_id = ? AND owner_uid = ?",
+                                (engine.pid, engine.create_time, engine_id, os.getuid()))
         return engine
 
     def delete(self, engine_id: str) -> None:
@@ -222,13 +229,31 @@ class Txn:
         self.conn.execute(
             "INSERT INTO gpu_bookings (engine_id, gpu_index, gpu_uuid, mib) VALUES (?, ?, ?, ?)",
             (engine_id, gpu_index, gpu_uuid, mib))
+        if self.ledger is not None:
+            engine = self.get(engine_id)
+            ledger_book(self.ledger, engine_id=engine_id, engine_name=engine.name, gpu_uuid=gpu_uuid,
+                        gpu_index=gpu_index, mib=mib, pid=engine.pid, start_time=engine.create_time)
 
     def resize_bookings(self, engine_id: str, mib_per_gpu: int) -> None:
         """Set each of the engine's GPU bookings to ``mib_per_gpu`` (sleeping keeps a residual)."""
         self.conn.execute("UPDATE gpu_bookings SET mib = ? WHERE engine_id = ?", (mib_per_gpu, engine_id))
+        if self.ledger is not None:
+            self.ledger.execute("UPDATE bookings SET mib = ? WHERE engine_id = ? AND owner_uid = ?",
+                                (mib_per_gpu, engine_id, os.getuid()))
 
     def release_bookings(self, engine_id: str) -> None:
         self.conn.execute("DELETE FROM gpu_bookings WHERE engine_id = ?", (engine_id,))
+        if self.ledger is not None:
+            ledger_release(self.ledger, engine_id)
+
+    def foreign_bookings(self) -> list[dict]:
+        """The shared ledger's bookings of engines this registry does not hold (other users', or
+        another registry's of this user); [] without a shared ledger."""
+        if self.ledger is None:
+            return []
+        mine = {row[0] for row in self.conn.execute("SELECT id FROM engines")}
+        uid = os.getuid()
+        return [row for row in ledger_rows(self.ledger) if row["engine_id"] not in mine or row["owner_uid"] != uid]
 
     def release_all(self, engine_id: str) -> None:
         """Free the port lease and GPU booking of an engine."""
@@ -239,8 +264,9 @@ class Txn:
 class Registry:
     """The SQLite registry shared by every process of the user."""
 
-    def __init__(self, path: str | os.PathLike) -> None:
+    def __init__(self, path: str | os.PathLike, ledger: SharedLedger | None = None) -> None:
         self.path = Path(path)
+        self.ledger = ledger  # the machine-wide GPU ledger, when configured
         self._local = threading.local()
         self._commits = 0
         self.recovered_from: Path | None = None  # where a corrupt registry was moved aside
@@ -298,14 +324,24 @@ class Registry:
 
     @contextmanager
     def transaction(self) -> Iterator[Txn]:
-        """One write transaction: all or nothing, exclusive against other writers."""
+        """One write transaction: all or nothing, exclusive against other writers. With a shared
+        ledger, inside one of the ledger's (always taken first: no two processes wait on each other)."""
+        if self.ledger is None:
+            with self._transaction(None) as txn:
+                yield txn
+        else:
+            with self.ledger.transaction() as ledger, self._transaction(ledger) as txn:
+                yield txn
+
+    @contextmanager
+    def _transaction(self, ledger: sqlite3.Connection | None) -> Iterator[Txn]:
         conn = self._conn()
         try:
             conn.execute("BEGIN IMMEDIATE")
         except sqlite3.OperationalError as e:
             raise StateError(f"sage_nb registry {self.path} is not writable: {e}") from None
         try:
-            yield Txn(conn)
+            yield Txn(conn, ledger)
             conn.execute("COMMIT")
         except sqlite3.OperationalError as e:  # disk full, read-only file system, I/O error
             conn.execute("ROLLBACK")
@@ -357,3 +393,6 @@ class Registry:
         if conn is not None:
             conn.close()
             self._local.conn = None
+
+
+ledger_book, ledger_release, ledger_rows = SharedLedger.book, SharedLedger.release, SharedLedger.rows

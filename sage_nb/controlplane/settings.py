@@ -148,6 +148,10 @@ class Settings:
     make_room: bool = setting(False, "A start or wake that finds no GPU room first puts the least-"
                               "recently-used idle engines with a keep-alive to sleep (or unloads "
                               "them), one by one, and says which.")
+    shared_ledger: Path | None = setting(None, "A machine-wide GPU ledger every user of the box shares "
+                                         "(a directory on local disk that an admin set up with "
+                                         "`python -m sage_nb.admin init-shared DIR --group GROUP`); "
+                                         "empty: this user's bookings only.", Path)
     adopt_unrecorded: bool = setting(True, "Adopt vLLM servers of this user that sage_nb did not "
                                      "start (found by their command line at discovery).")
 
@@ -161,6 +165,7 @@ class Settings:
         elif self.fake_gpus is not None:
             self.fake_gpus = parse_fake_gpus(json.dumps(self.fake_gpus))
         self.keep_alive = validation.duration("keep_alive", self.keep_alive or None)
+        self.shared_ledger = Path(self.shared_ledger).expanduser() if self.shared_ledger else None
         self._check()
 
     def _check(self) -> None:
