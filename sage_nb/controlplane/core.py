@@ -12,7 +12,7 @@ import time
 import uuid
 from pathlib import Path
 
-from . import idle, placement, ports, process, validation, waking
+from . import attribution, idle, placement, ports, process, validation, waking
 from .errors import BadRequest, Conflict, NoRoom
 from .gpus import GpuInventory
 from .ledger import SharedLedger, reap
@@ -66,7 +66,17 @@ class ControlPlane:
         """Each GPU with total, used, free, booked and available MiB ([] without GPUs)."""
         # with a shared ledger this reaps other users' stale bookings: a write
         with self.registry.transaction() if self.registry.ledger else self.registry.snapshot() as txn:
-            return [v.to_model() for v in self._views(txn)]
+            views = self._views(txn)
+            if not views:
+                return []
+            names = {e.id: e.name for e in txn.engines()}
+            mine = [{"engine_id": eid, "uuid": uuid, "mib": mib, "name": names.get(eid, eid)}
+                    for eid, _index, uuid, mib in txn.bookings()]
+            others = txn.foreign_bookings()
+            pids = self._engine_pids(txn, others)
+        return [{**v.to_model(), "parts": attribution.parts(
+                    v, [m for m in mine if m["uuid"] == v.device.uuid],
+                    [r for r in others if r["gpu_uuid"] == v.device.uuid], pids)} for v in views]
 
     def gpu_report(self) -> dict:
         """``{"source": "nvml"|"fake"|"none", "error": why there are none, "devices": gpus()}``."""
@@ -84,12 +94,15 @@ class ControlPlane:
             reap(txn.ledger)
             foreign = txn.foreign_bookings()
             bookings += [(r["engine_id"], r["gpu_index"], r["gpu_uuid"], r["mib"]) for r in foreign]
-        pids: dict[str, set[int]] = {}
-        if bookings and any(d.process_mib for d in devices):  # NVML lists processes: match engines
-            engines = {e.id: (e.pid, e.create_time) for e in txn.engines()}
-            engines.update({r["engine_id"]: (r["pid"], r["start_time"]) for r in foreign})
-            pids = {eid: process.tree_pids(*engines[eid]) for eid in {b[0] for b in bookings} if eid in engines}
+        pids = self._engine_pids(txn, foreign) if bookings and any(d.process_mib for d in devices) else {}
         return placement.gpu_views(devices, bookings, pids)
+
+    @staticmethod
+    def _engine_pids(txn: Txn, foreign: list[dict]) -> dict[str, set[int]]:
+        """Each engine's processes (this registry's and the ledger's others), to match NVML's list."""
+        engines = {e.id: (e.pid, e.create_time) for e in txn.engines()}
+        engines.update({r["engine_id"]: (r["pid"], r["start_time"]) for r in foreign})
+        return {eid: process.tree_pids(pid, start) for eid, (pid, start) in engines.items() if pid}
 
     # ------------------------------------------------------------------ start
     def start_engine(self, model: str, kind: str = "llm", name: str | None = None,

@@ -50,7 +50,9 @@ class GpuInventory:
         """The devices now; an empty list when there is no usable NVIDIA GPU."""
         if self.fake is not None:
             return [GpuDevice(index=i, uuid=d["uuid"], name=d["name"], total_mib=d["total_mib"],
-                              used_mib=d["used_mib"]) for i, d in enumerate(self.fake)]
+                              used_mib=d["used_mib"],
+                              process_mib={p["pid"]: p["used_mib"] for p in d.get("processes") or []})
+                    for i, d in enumerate(self.fake)]
         nvml = self._init_nvml()
         if nvml is None:
             return []

@@ -59,11 +59,17 @@ def parse_fake_gpus(value: str | list | None) -> list[dict] | None:
             raise BadRequest(f"fake GPU {i}: total_mib and used_mib must be integers") from None
         if total <= 0 or used < 0 or used > total:
             raise BadRequest(f"fake GPU {i}: need 0 <= used_mib ({used}) <= total_mib ({total})")
+        processes = dev.get("processes") or []
+        if not isinstance(processes, list) or not all(
+                isinstance(p, dict) and isinstance(p.get("pid"), int) and isinstance(p.get("used_mib"), int)
+                for p in processes):
+            raise BadRequest(f"fake GPU {i}: processes must be a list of {{pid, used_mib}} (integers)")
         devices.append({
             "name": str(dev.get("name", f"Fake GPU {i}")),
             "total_mib": total,
             "used_mib": used,
             "uuid": str(dev.get("uuid", f"GPU-fake-{i}")),
+            "processes": [{"pid": p["pid"], "used_mib": p["used_mib"]} for p in processes],
         })
     return devices
 
@@ -116,7 +122,8 @@ class Settings:
     engine_python: str = setting(lambda: sys.executable, "The Python that runs vLLM "
                                  "(default: this one).", str)
     fake_gpus: list[dict] | None = setting(None, "A fake GPU inventory: a JSON list (or a path to "
-                                           "one) of {name, total_mib, used_mib, uuid}; empty: NVML.", list)
+                                           "one) of {name, total_mib, used_mib, uuid, processes: [{pid, used_mib}]}; "
+                                           "empty: NVML.", list)
     port_range: tuple[int, int] = setting((18000, 18999), "The ports leased to engines (lo, hi).")
     startup_timeout: float = setting(600.0, "Seconds an engine may take to become ready.")
     health_interval: float = setting(1.0, "Seconds between health probes of each engine.")

@@ -95,12 +95,27 @@ def backends_table(backends: dict, gateway_url: str | None = None) -> Table:
                  empty="no ready backends — start one with %llm start <model>", footer="\n".join(hint) or None)
 
 
+def holders(parts: dict | None) -> str:
+    """Who holds a GPU's memory, in MiB: ``chat 5761; bob/embed 1627; alice/python 20480; ? 1024``
+    (this user's engines by name, other users' by user/engine, other processes by user/command, then
+    what nothing accounts for)."""
+    if not parts:
+        return ""
+    items = [f"{e['name']} {max(e['booked_mib'], e['used_mib'])}" for e in parts["mine"]]
+    items += [f"{e['user']}/{e['name']} {max(e['booked_mib'], e['used_mib'])}" for e in parts["others"]]
+    items += [f"{p['user']}/{p['command']} {p['used_mib']}" for p in parts["processes"]]
+    if parts["unaccounted_mib"]:
+        items.append(f"? {parts['unaccounted_mib']}")
+    return "; ".join(items)
+
+
 def gpus_table(report: dict) -> Table:
     rows = [[d["index"], d["name"], d["total_mib"], d["used_mib"], d["booked_mib"], d["available_mib"],
-             "" if d.get("utilization") is None else f"{d['utilization']}%"] for d in report["devices"]]
+             "" if d.get("utilization") is None else f"{d['utilization']}%", holders(d.get("parts"))]
+            for d in report["devices"]]
     empty = f"no NVIDIA GPU ({report.get('error') or 'none found'}): engines run on CPU"
     return Table(f"GPUs ({report['source']})", ["gpu", "name", "total MiB", "used MiB", "booked MiB",
-                                                 "available MiB", "util"], rows, empty=empty)
+                                                 "available MiB", "util", "held by (MiB)"], rows, empty=empty)
 
 
 class Logs:

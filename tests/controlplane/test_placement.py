@@ -79,7 +79,7 @@ def test_best_available_and_utilization():
 
 def test_fake_inventory_parsing(tmp_path):
     devs = parse_fake_gpus('[{"name": "A", "total_mib": 1000, "used_mib": 10}, {"total_mib": 2000}]')
-    assert devs[0] == {"name": "A", "total_mib": 1000, "used_mib": 10, "uuid": "GPU-fake-0"}
+    assert devs[0] == {"name": "A", "total_mib": 1000, "used_mib": 10, "uuid": "GPU-fake-0", "processes": []}
     assert devs[1]["used_mib"] == 0 and devs[1]["uuid"] == "GPU-fake-1"
     f = tmp_path / "gpus.json"
     f.write_text('[{"total_mib": 4096, "used_mib": 4096, "uuid": "U"}]')

@@ -6,9 +6,13 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
 import threading
 
-from sage_nb.controlplane import ControlPlane, NotFound
+import psutil
+import pytest
+
+from sage_nb.controlplane import BadRequest, ControlPlane, NotFound
 from sage_nb.controlplane.errors import NoRoom
 from sage_nb.controlplane.process import group_members, is_alive
 
@@ -77,4 +81,35 @@ def test_concurrent_starts_of_two_registries_never_over_book(tmp_path, model_dir
                 cp.stop_all()
             except NotFound:
                 pass
+            cp.close()
+
+
+def test_gpus_attribute_memory_to_whoever_holds_it(tmp_path, model_dir):
+    """This registry's engines by name, the other's by user and engine, another process by user and
+    command (a fake inventory that lists it, as NVML lists processes), and what nothing accounts for."""
+    other = subprocess.Popen(["sleep", "60"])
+    box = [{**BOX[0], "used_mib": 20480 + 1024, "processes": [{"pid": other.pid, "used_mib": 20480}]}, BOX[1]]
+    ledger = ledger_dir(tmp_path)
+    a = ControlPlane(state_dir=tmp_path / "alice", shared_ledger=str(ledger), fake_gpus=box, port_range=(18580, 18589),
+                     engine_env={"PYTHONPATH": STUB_PATH}, adopt_unrecorded=False)
+    b = ControlPlane(state_dir=tmp_path / "bob", shared_ledger=str(ledger), fake_gpus=box, port_range=(18590, 18599),
+                     engine_env={"PYTHONPATH": STUB_PATH}, adopt_unrecorded=False)
+    try:
+        mine = a.start_engine(str(model_dir(4)), name="alices", max_model_len=1024, gpu_ids=[1], wait=False)
+        theirs = b.start_engine(str(model_dir(4)), name="bobs", max_model_len=1024, gpu_ids=[1], wait=False)
+        gpu0, gpu1 = a.gpus()
+        me = psutil.Process().username()
+        assert gpu0["parts"]["processes"] == [{"pid": other.pid, "user": me, "command": "sleep", "used_mib": 20480}]
+        assert gpu0["parts"]["unaccounted_mib"] == 1024 and gpu0["parts"]["mine"] == gpu0["parts"]["others"] == []
+        assert [(x["name"], x["booked_mib"]) for x in gpu1["parts"]["mine"]] == [("alices", 5761)]
+        assert [(x["user"], x["name"], x["engine_id"], x["booked_mib"]) for x in gpu1["parts"]["others"]] == [
+            (me, "bobs", theirs["id"], 5761)]
+        assert gpu1["parts"]["booked_unused_mib"] == 2 * 5761 and gpu1["parts"]["free_mib"] == 24576 - 2 * 5761
+        assert [x["name"] for x in b.gpus()[1]["parts"]["others"]] == [mine["name"]]  # and the other way round
+        with pytest.raises(BadRequest, match="processes must be a list"):
+            ControlPlane(state_dir=tmp_path / "bad", fake_gpus=[{**BOX[0], "processes": [{"pid": "x"}]}])
+    finally:
+        other.kill()
+        for cp in (a, b):
+            cp.stop_all()
             cp.close()

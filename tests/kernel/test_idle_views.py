@@ -241,3 +241,15 @@ def test_dashboard_sleep_and_wake_buttons(shell, model_dir):
     assert buttons(board, "sleep")[0].disabled and not buttons(board, "wake")[0].disabled
     buttons(board, "wake")[0].click()
     assert cl.wait_ready("chat", timeout=30)["state"] == "ready"
+
+
+def test_the_gpus_table_says_who_holds_the_memory():
+    parts = {"mine": [{"name": "chat", "engine_id": "e1", "booked_mib": 5761, "used_mib": 0}],
+             "others": [{"user": "bob", "name": "embed", "engine_id": "e2", "booked_mib": 1627, "used_mib": 1700}],
+             "processes": [{"pid": 7, "user": "alice", "command": "python", "used_mib": 20480}],
+             "unaccounted_mib": 1024, "booked_unused_mib": 5761, "free_mib": 40000}
+    assert views.holders(parts) == "chat 5761; bob/embed 1700; alice/python 20480; ? 1024"
+    report = {"source": "fake", "error": None, "devices": [
+        {"index": 0, "name": "A", "total_mib": 81920, "used_mib": 23204, "booked_mib": 7388, "available_mib": 52955,
+         "utilization": None, "parts": parts}]}
+    assert "held by (MiB)" in repr(views.gpus_table(report)) and "bob/embed 1700" in repr(views.gpus_table(report))
