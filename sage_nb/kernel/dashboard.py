@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import html
 import json
+import os
 
 import ipywidgets as w
 import psutil
@@ -17,28 +18,12 @@ import psutil
 from sage_nb.controlplane.state import DORMANT, STOPPABLE, EngineState, is_routable
 
 from .client import Client, get_client
-from .views import idle_text, uptime
+from .gpubar import gpu_bar_html
+from .views import holders, idle_text, uptime
 
-COLORS = {"other": "#9e9e9e", "booked": "#1f77b4", "free": "#d9ead3"}
 STATE_COLORS = {EngineState.READY: "#2e7d32", EngineState.STARTING: "#f9a825", EngineState.STOPPING: "#6d4c41",
                 EngineState.FAILED: "#c62828", EngineState.STOPPED: "#757575", EngineState.SLEEPING: "#5c6bc0",
                 EngineState.WAKING: "#f9a825", EngineState.UNLOADED: "#90a4ae"}
-
-
-def gpu_bar_html(gpu: dict) -> str:
-    """One GPU as a bar: memory used by others, booked by sage_nb engines, and free."""
-    total = max(1, gpu["total_mib"])
-    booked = min(gpu["booked_mib"], gpu["total_mib"])
-    other = max(0, gpu["used_mib"] - booked) if gpu.get("source") == "nvml" else gpu["used_mib"]
-    free = max(0, total - other - booked)
-    parts = [("other", other, "used by others"), ("booked", booked, "booked by sage_nb"), ("free", free, "free")]
-    segs = "".join(f"<div title='{label}: {mib} MiB' style='width:{100 * mib / total:.2f}%;"
-                   f"background:{COLORS[key]}' class='sage-nb-seg sage-nb-{key}'></div>"
-                   for key, mib, label in parts if mib > 0)
-    util = "" if gpu.get("utilization") is None else f" · util {gpu['utilization']}%"
-    return (f"<div class='sage-nb-gpu'><b>GPU{gpu['index']}</b> {html.escape(gpu['name'])} — "
-            f"{other} MiB others, {booked} MiB booked, {free} MiB free of {total} MiB{util}"
-            f"<div style='display:flex;height:14px;border:1px solid #888;width:100%'>{segs}</div></div>")
 
 
 def cpu_html(note: str, host: dict) -> str:
@@ -109,7 +94,7 @@ class Dashboard(w.VBox):
         self.gpu_box.children = [w.HTML(r) for r in rows]
 
     def _show_engines(self, engines: list[dict]) -> None:
-        header = ["name", "model", "kind", "state", "GPUs", "port", "uptime", "idle", "health"]
+        header = ["name", "model", "kind", "state", "GPUs", "port", "uptime", "idle", "health", "started by"]
         buttons = [("stop", "stop", lambda e: e["state"] not in STOPPABLE, self.client.stop),
                    ("sleep", "moon-o", lambda e: e["state"] != EngineState.READY, self.client.sleep),
                    ("wake", "sun-o", lambda e: e["state"] not in DORMANT, self._wake),
@@ -118,10 +103,10 @@ class Dashboard(w.VBox):
         for e in engines:
             color = STATE_COLORS.get(e["state"], "#000")
             health = health_of(e)
-            values = [e["name"], e["served_model_name"], e["kind"],
+            values = [html.escape(e["name"]), html.escape(e["served_model_name"]), e["kind"],
                       f"<span style='color:{color}'>{e['state']}</span>",
                       ",".join(map(str, e["gpu_ids"])) or "cpu", e["port"], uptime(e), idle_text(e),
-                      html.escape(health)]
+                      html.escape(health), started_by_html(e)]
             cells += [w.HTML(f"<span class='sage-nb-cell'>{v}</span>") for v in values]
             for name, icon, disabled, action in buttons:
                 button = w.Button(description=name, icon=icon, layout=w.Layout(width="auto"), disabled=disabled(e))
@@ -210,14 +195,16 @@ class Dashboard(w.VBox):
         lines = [f"sage_nb dashboard ({data['mode']} mode)"]
         for g in data["gpus"]["devices"]:
             lines.append(f"  GPU{g['index']} {g['name']}: used {g['used_mib']} / booked {g['booked_mib']} / "
-                         f"free {g['free_mib']} of {g['total_mib']} MiB")
+                         f"free {g['free_mib']} of {g['total_mib']} MiB"
+                         f"{f'; held by (MiB): {held}' if (held := holders(g.get('parts'))) else ''}")
         if not data["gpus"]["devices"]:
             lines.append(f"  no NVIDIA GPU ({data['gpus'].get('error') or 'none found'}): engines run on CPU")
         for e in data["engines"]:
             idle = idle_text(e)
             lines.append(f"  {e['name']:<20} {e['kind']:<9} {e['state']:<8} port {e['port']} "
                          f"gpus {','.join(map(str, e['gpu_ids'])) or 'cpu'} {e['served_model_name']}"
-                         f" ({health_of(e)}){f' idle: {idle}' if idle else ''}")
+                         f" ({health_of(e)}){f' idle: {idle}' if idle else ''}"
+                         f"{f' started by {who}' if (who := started_by(e)) else ''}")
         if not data["engines"]:
             lines.append("  no engines")
         return "\n".join(lines)
@@ -227,6 +214,24 @@ class Dashboard(w.VBox):
         if isinstance(bundle, dict):
             bundle["text/plain"] = repr(self)
         return bundle
+
+
+def started_by(engine: dict) -> str:
+    """Which notebook (its file name) or kernel started the engine, and whether it is tied to that
+    kernel: ``analysis.ipynb (kernel-scoped)``; "" for engines started otherwise (REST, older servers)."""
+    who = os.path.basename(engine.get("notebook") or "")
+    if not who and engine.get("kernel_id"):
+        who = f"kernel {engine['kernel_id'][:8]}"
+    scoped = engine.get("scope") == "kernel"
+    return f"{who} (kernel-scoped)".strip() if scoped else who
+
+
+def started_by_html(engine: dict) -> str:
+    text = started_by(engine)
+    tip = engine.get("notebook") or engine.get("kernel_id") or ""
+    if engine.get("scope") == "kernel":
+        tip += " — stopped when that kernel shuts down"
+    return f"<span title='{html.escape(tip, quote=True)}'>{html.escape(text)}</span>" if text else ""
 
 
 def health_of(engine: dict) -> str:

@@ -1,7 +1,11 @@
 """The dashboard widget over stub engines: what it shows, when it changes, its refresh task."""
 
 import asyncio
+import re
+import subprocess
+import sys
 
+import psutil
 import pytest
 
 from sage_nb.kernel.client import Client
@@ -38,12 +42,15 @@ def buttons(board, name: str) -> list:
 def test_gpu_bars_and_engine_rows(client, model_dir):
     board = Dashboard(client=client, autostart=False)
     bars = html_of(board.gpu_box)
-    assert bars.count("sage-nb-gpu") == 2 and "59392 MiB others" in bars and "sage-nb-booked" not in bars
+    assert bars.count("sage-nb-gpu") == 2 and "59392 MiB others" in bars and "sage-nb-mine" not in bars
+    assert "unaccounted 59392 MiB" in bars  # the fake box lists no process for GPU0's used memory
     assert "no engines" in html_of(board.engine_box)
     engine = client.start(str(model_dir(30)), name="big")
     assert board.refresh() is True
     bars = html_of(board.gpu_box)
-    assert f"{engine['booked_mib']} MiB booked" in bars and bars.count("sage-nb-booked") == 1
+    # a fake inventory shows no engine process: the whole booking is booked-not-yet-used, hatched
+    assert f"{engine['booked_mib']} MiB your engines" in bars and bars.count("sage-nb-mine-unused") == 1
+    assert f"big 0 MiB used + {engine['booked_mib']} booked" in bars
     rows = html_of(board.engine_box)
     assert "big" in rows and "ready" in rows and "llm" in rows and ">1<" in rows  # GPU1
     assert "big" in repr(board) and "GPU0" in repr(board)
@@ -107,10 +114,99 @@ def test_refresh_task_runs_on_the_event_loop_and_pauses(client, model_dir):
     asyncio.run(scenario())
 
 
-def test_bar_proportions():
+def test_bar_proportions_without_parts():  # an older server: no attribution, the three old parts
     html = gpu_bar_html({"index": 0, "name": "g", "total_mib": 1000, "used_mib": 250, "booked_mib": 250,
                          "free_mib": 750, "available_mib": 500, "utilization": 7, "source": "fake"})
     assert "width:25.00%" in html and "width:50.00%" in html and "util 7%" in html
+    assert "250 MiB others, 250 MiB booked, 500 MiB free of 1000 MiB" in html and "sage-nb-legend" not in html
+
+
+def segments(html: str) -> list[tuple[str, int, str, float]]:
+    """(class, MiB, tooltip, width %) of each segment of a bar."""
+    return [(cls, int(mib), title, float(width)) for cls, mib, title, width in re.findall(
+        r"class='sage-nb-seg sage-nb-([^']*)' data-mib='(\d+)' title='([^']*)' style='width:([\d.]+)%", html)]
+
+
+def legend(html: str) -> str:
+    """The legend's text, tags removed."""
+    return re.sub(r"<[^>]+>", "", html.split("class='sage-nb-legend'", 1)[1])
+
+
+def attributed(parts: dict, total: int = 10000) -> str:
+    return gpu_bar_html({"index": 1, "name": "H100", "total_mib": total, "used_mib": 0, "booked_mib": 0,
+                         "free_mib": 0, "available_mib": 0, "utilization": None, "source": "nvml",
+                         "parts": {"mine": [], "others": [], "processes": [], "unaccounted_mib": 0,
+                                   "booked_unused_mib": 0, "free_mib": 0, **parts}})
+
+
+def test_attributed_bar_has_a_segment_per_holder_in_proportion_and_a_legend():
+    html = attributed({
+        "mine": [{"name": "chat", "engine_id": "e1", "booked_mib": 3000, "used_mib": 2000},
+                 {"name": "embed", "engine_id": "e2", "booked_mib": 500, "used_mib": 500}],
+        "others": [{"user": "bob", "name": "coder", "engine_id": "e3", "booked_mib": 1000, "used_mib": 0}],
+        "processes": [{"pid": 4242, "user": "alice", "command": "python", "used_mib": 1500}],
+        "unaccounted_mib": 500, "booked_unused_mib": 2000, "free_mib": 2000})
+    assert segments(html) == [
+        ("mine", 2000, "chat (in use): 2000 MiB", 20.0),
+        ("mine-unused sage-nb-unused", 1000, "chat (booked, not yet used): 1000 MiB", 10.0),
+        ("mine", 500, "embed (in use): 500 MiB", 5.0),
+        ("others-unused sage-nb-unused", 1000, "bob: coder (booked, not yet used): 1000 MiB", 10.0),
+        ("process", 1500, "alice: python (pid 4242): 1500 MiB", 15.0),
+        ("unaccounted", 500, "used, accounted for by nothing listed: 500 MiB", 5.0),
+        ("free", 2000, "free: 2000 MiB", 20.0)]
+    assert "3500 MiB your engines, 3000 MiB others, 2000 MiB free of 10000 MiB" in html
+    colours = re.findall(r"class='sage-nb-seg sage-nb-(mine|others-unused sage-nb-unused|process|unaccounted"
+                         r"|free)'[^>]*background:(?:repeating-linear-gradient\(135deg,)?(#\w+)", html)
+    assert len({c for _, c in colours}) == len(colours) == 6  # chat, embed, bob, alice, ?, free all differ
+    assert "background:repeating-linear-gradient(135deg,#1f77b4" in html  # chat's booking, hatched in its colour
+    text = legend(html)
+    for entry in ("your engines", "chat 2000 MiB used + 1000 booked", "embed 500 MiB used",
+                  "other sage_nb users", "bob: coder 0 MiB used + 1000 booked", "other processes",
+                  "alice: python 1500 MiB", "unaccounted 500 MiB", "booked, not yet used 2000 MiB", "free 2000 MiB"):
+        assert entry in text, entry
+    assert text.index("your engines") < text.index("other sage_nb users") < text.index("other processes")
+
+
+def test_attributed_bar_never_overflows_and_shows_bookings_of_no_listed_engine():
+    html = attributed({"mine": [{"name": "a", "engine_id": "e1", "booked_mib": 8000, "used_mib": 0}],
+                       "booked_unused_mib": 12000, "free_mib": 4000}, total=10000)  # over-booked
+    segs = segments(html)
+    assert [(cls, mib) for cls, mib, _, _ in segs] == [
+        ("mine-unused sage-nb-unused", 8000), ("unused", 4000), ("free", 4000)]
+    assert [w for *_, w in segs] == [50.0, 25.0, 25.0]  # scaled to the sum, not past 100%
+    assert "sage-nb-legend-group" in html and "other processes" not in legend(html)  # empty groups left out
+
+
+def test_attributed_bar_escapes_every_name():
+    evil = "<script>alert('x')</script>"
+    html = attributed({"mine": [{"name": evil, "engine_id": "e1", "booked_mib": 10, "used_mib": 10}],
+                       "others": [{"user": evil, "name": evil, "engine_id": "e2", "booked_mib": 10, "used_mib": 10}],
+                       "processes": [{"pid": 1, "user": evil, "command": f"{evil}'\"", "used_mib": 10}],
+                       "free_mib": 10})
+    assert "<script>" not in html and "alert('x')" not in html
+    assert html.count("&lt;script&gt;alert(&#x27;x&#x27;)&lt;/script&gt;") == 10  # 5 in tooltips, 5 in the legend
+    assert len(segments(html)) == 4  # no quote broke out of a title attribute
+
+
+def test_dashboard_attributes_a_foreign_process(state_dir, monkeypatch):
+    """A process the (fake) NVML lists on GPU1 shows by its user and command, the rest as unaccounted."""
+    monkeypatch.delenv("JPY_PARENT_PID", raising=False)
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    box = [BUSY_BOX[0], {**BUSY_BOX[1], "used_mib": 24576, "processes": [{"pid": sleeper.pid, "used_mib": 20480}]}]
+    cl = Client(embedded=True, state_dir=state_dir, fake_gpus=box, adopt_unrecorded=False)
+    try:
+        board = Dashboard(client=cl, autostart=False)
+        bar = [c.value for c in board.gpu_box.children][1]
+        user, command = psutil.Process(sleeper.pid).username(), psutil.Process(sleeper.pid).name()
+        assert ("process", 20480, f"{user}: {command} (pid {sleeper.pid}): 20480 MiB", 25.0) \
+            in segments(bar)
+        assert ("unaccounted", 4096, "used, accounted for by nothing listed: 4096 MiB", 5.0) in segments(bar)
+        assert f"{user}: {command} 20480 MiB" in legend(bar)
+        assert f"held by (MiB): {user}/{command} 20480; ? 4096" in repr(board)
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+        cl.control_plane.close()
 
 
 @pytest.mark.parametrize("state,sleep,wake,stop", [
@@ -142,3 +238,19 @@ def test_sleep_and_wake_buttons_act_and_show_idle_text(monkeypatch):
     assert "waking" in html_of(board.engine_box)
     board.refresh()
     assert "in 4m10s" in html_of(board.engine_box)
+
+
+def test_engine_rows_say_who_started_them():
+    from .test_idle_views import RecordingTransport
+
+    board = Dashboard(client=Client(transport=RecordingTransport(
+        "ready", notebook="work/<b>x</b>/analysis.ipynb", kernel_id="0123456789abcdef", scope="kernel")),
+        autostart=False)
+    rows = html_of(board.engine_box)
+    assert "<b>started by</b>" in rows and "analysis.ipynb (kernel-scoped)" in rows and "<b>x</b>" not in rows
+    assert "work/&lt;b&gt;x&lt;/b&gt;/analysis.ipynb — stopped when that kernel shuts down" in rows
+    assert "started by analysis.ipynb (kernel-scoped)" in repr(board)
+    board._show_engines([{**board.snapshot["engines"][0], "notebook": None, "scope": "server"}])
+    assert "kernel 01234567" in html_of(board.engine_box) and "kernel-scoped" not in html_of(board.engine_box)
+    old = Dashboard(client=Client(transport=RecordingTransport("ready")), autostart=False)  # an older server
+    assert "kernel-scoped" not in html_of(old.engine_box) and "started by" not in repr(old)
