@@ -16,6 +16,7 @@ COLORS = {"other": "#9e9e9e", "booked": "#1f77b4", "free": "#d9ead3"}  # the bar
 SHADES = {"mine": ("#1f77b4", "#6baed6", "#08519c", "#9ecae1"),      # this user's engines: blues
           "others": ("#e6550d", "#fd8d3c", "#a63603", "#fdae6b"),    # other sage_nb users: oranges
           "process": ("#756bb1", "#9e9ac8", "#54278f", "#bcbddc")}   # other processes: purples
+BAR = "class='sage-nb-bar' style='display:flex;height:14px;border:1px solid #888;width:100%'"
 UNACCOUNTED, FREE, UNUSED = "#9e9e9e", "#d9ead3", "#607d8b"
 GROUPS = {"mine": "your engines", "others": "other sage_nb users", "process": "other processes"}
 
@@ -42,7 +43,7 @@ def gpu_bar_html(gpu: dict) -> str:
               + sum(p["used_mib"] for p in parts["processes"]))
     return (f"<div class='sage-nb-gpu'><b>GPU{gpu['index']}</b> {_e(gpu['name'])} — "
             f"{yours} MiB your engines, {others} MiB others, {parts['free_mib']} MiB free of {total} MiB"
-            f"{_util(gpu)}<div style='display:flex;height:14px;border:1px solid #888;width:100%'>{bar}</div>"
+            f"{_util(gpu)}<div {BAR}>{bar}</div>"
             f"<div class='sage-nb-legend' style='display:flex;flex-wrap:wrap;gap:2px 14px;"
             f"font-size:85%;margin:2px 0 6px 0'>{legend}</div></div>")
 
@@ -102,7 +103,7 @@ def _plain_bar(gpu: dict) -> str:
                    for key, mib, label in parts if mib > 0)
     return (f"<div class='sage-nb-gpu'><b>GPU{gpu['index']}</b> {_e(gpu['name'])} — "
             f"{other} MiB others, {booked} MiB booked, {free} MiB free of {total} MiB{_util(gpu)}"
-            f"<div style='display:flex;height:14px;border:1px solid #888;width:100%'>{segs}</div></div>")
+            f"<div {BAR}>{segs}</div></div>")
 
 
 def _util(gpu: dict) -> str:

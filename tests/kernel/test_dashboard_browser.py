@@ -1,19 +1,25 @@
 """The dashboard in a real browser: JupyterLab in headless Chromium runs ``%llm dashboard`` with a
-real engine on a (fake) busy two-GPU box; the rendered widget must show the GPU bars and the row."""
+real engine on a (fake) busy two-GPU box, shared (through a machine-wide ledger) with another
+registry's engine, where NVML lists a foreign process; the rendered widget must show the GPU bars
+with each holder's segment in proportion, their legend, and the engine row."""
 
 from __future__ import annotations
 
 import json
 import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import nbformat
+import psutil
 import pytest
 
+from sage_nb.controlplane import ControlPlane
 from sage_nb.controlplane.process import group_members
 
-from ..conftest import BUSY_BOX
+from ..conftest import BUSY_BOX, STUB_PATH
 from ..serverproc import TOKEN, Server, free_port, wait_ready
 
 pytestmark = pytest.mark.vllm
@@ -22,9 +28,35 @@ DOCS = Path(__file__).resolve().parents[2] / "docs"
 
 
 @pytest.fixture
-def lab(tmp_path, tiny_llama):
+def neighbours(tmp_path, model_dir):
+    """A foreign process (a 20 GiB job NVML lists on GPU0) and another registry's engine on GPU1 (NVML
+    lists 12 GiB of its booking in use), known through the box's inventory and a shared ledger;
+    yields (the box as NVML would show it, ledger, process, engine)."""
+    ledger = tmp_path / "ledger"
+    ledger.mkdir()
+    os.chmod(ledger, 0o2770)
+    job = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+    box = [{**BUSY_BOX[0], "processes": [{"pid": job.pid, "used_mib": 20480}]}, BUSY_BOX[1]]
+    other = ControlPlane(state_dir=tmp_path / "neighbour", shared_ledger=str(ledger), fake_gpus=box,
+                         port_range=(18800, 18809), engine_env={"PYTHONPATH": STUB_PATH}, adopt_unrecorded=False)
+    try:
+        coder = other.start_engine(str(model_dir(12)), name="coder", gpu_ids=[1], max_model_len=4096)
+        box[1] = {**box[1], "used_mib": 12288, "processes": [{"pid": coder["pid"], "used_mib": 12288}]}
+        yield box, ledger, psutil.Process(job.pid), coder
+    finally:
+        for e in other.engines():
+            if e["state"] in ("starting", "ready"):
+                other.stop_engine(e["id"])
+        other.close()
+        job.kill()
+        job.wait()
+
+
+@pytest.fixture
+def lab(tmp_path, tiny_llama, neighbours):
+    box, ledger, _, _ = neighbours
     server = Server(tmp_path, tmp_path / "state", free_port(), port_range=(18750, 18799),
-                    extra_args=[f"--SageNBApp.fake_gpus={json.dumps(BUSY_BOX)}",
+                    extra_args=[f"--SageNBApp.fake_gpus={json.dumps(box)}", f"--SageNBApp.shared_ledger={ledger}",
                                 "--LabApp.expose_app_in_browser=True", "--LabApp.news_url=None",
                                 "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate"])
     book = nbformat.v4.new_notebook()
@@ -43,10 +75,17 @@ def lab(tmp_path, tiny_llama):
             proc.kill()
 
 
-def test_dashboard_renders_in_jupyterlab(lab, tmp_path):
+def share(bar, segment) -> float:
+    """The rendered width of a segment as a fraction of its bar's."""
+    return segment.bounding_box()["width"] / bar.locator(".sage-nb-bar").bounding_box()["width"]
+
+
+def test_dashboard_renders_in_jupyterlab(lab, neighbours, tmp_path):
     from playwright.sync_api import sync_playwright
 
     server, engine = lab
+    _, _, job, coder = neighbours
+    user, command = job.username(), job.name()
     assert engine["gpu_ids"] == [0]  # best fit: the tiny model fits the busy GPU's 22 GiB
     shot = tmp_path / "dashboard.png"
     with sync_playwright() as p:
@@ -67,9 +106,24 @@ def test_dashboard_renders_in_jupyterlab(lab, tmp_path):
             bars = page.locator(".jp-OutputArea .sage-nb-gpu")
             bars.first.wait_for(timeout=120_000)
             assert bars.count() == 2
-            assert "59392 MiB others" in bars.nth(0).inner_text()  # GPU0: 58 GiB used by another user
-            assert f"{engine['booked_mib']} MiB booked" in bars.nth(0).inner_text()  # tiny's booking
-            assert page.locator(".jp-OutputArea .sage-nb-booked").count() == 1
+            gpu0, gpu1 = bars.nth(0), bars.nth(1)
+            assert "59392 MiB others" in gpu0.inner_text()  # GPU0: 58 GiB, 20 of them a listed process
+            assert f"{engine['booked_mib']} MiB your engines" in gpu0.inner_text()  # tiny's booking
+            # tiny's booking (the fake NVML shows it no memory yet: hatched), the job, the rest, free
+            assert gpu0.locator(".sage-nb-mine-unused").count() == 1 and gpu0.locator(".sage-nb-mine").count() == 0
+            assert abs(share(gpu0, gpu0.locator(".sage-nb-process")) - 20480 / 81920) < 0.01
+            assert abs(share(gpu0, gpu0.locator(".sage-nb-unaccounted")) - (59392 - 20480) / 81920) < 0.01
+            assert abs(share(gpu0, gpu0.locator(".sage-nb-mine-unused")) - engine["booked_mib"] / 81920) < 0.01
+            legend0 = gpu0.locator(".sage-nb-legend").inner_text()
+            assert f"tiny 0 MiB used + {engine['booked_mib']} booked" in legend0
+            assert f"{user}: {command} 20480 MiB" in legend0 and "unaccounted 38912 MiB" in legend0
+            # coder: 12 GiB in use (solid), the rest of its booking hatched, both in the other user's hue
+            assert abs(share(gpu1, gpu1.locator(".sage-nb-others")) - 12288 / 81920) < 0.01
+            unused = coder["booked_mib"] - 12288
+            assert abs(share(gpu1, gpu1.locator(".sage-nb-others-unused")) - unused / 81920) < 0.01
+            legend1 = gpu1.locator(".sage-nb-legend").inner_text()
+            assert f"{user}: coder 12288 MiB used + {unused} booked" in legend1
+            assert gpu1.locator(".sage-nb-process").count() == 0
             cells = page.locator(".jp-OutputArea .sage-nb-cell")
             cells.filter(has_text="tiny").first.wait_for(timeout=30_000)
             row_text = " ".join(cells.all_inner_texts())
