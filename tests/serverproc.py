@@ -26,21 +26,24 @@ def free_port() -> int:
 class Server:
     """A jupyter server subprocess with the sage_nb extension enabled."""
 
-    def __init__(self, root, state_dir, port, port_range=(18900, 18949), extra_args=(), adopt=False, base=BASE):
+    def __init__(self, root, state_dir, port, port_range=(18900, 18949), extra_args=(), adopt=False, base=BASE,
+                 python=sys.executable, run_as=(), env=None):
         self.root, self.state_dir, self.port, self.proc, self.base = root, state_dir, port, None, base
         self.port_range, self.extra_args = port_range, list(extra_args)
         self.adopt = adopt  # tests see only their own engines, not other vLLM servers of this user
         self.url = f"http://127.0.0.1:{port}{base}"
+        # another user's server: its interpreter, the command that runs it as them, their environment
+        self.python, self.run_as, self.env = python, list(run_as), os.environ if env is None else env
 
     def start(self) -> None:
-        env = {**os.environ, "JUPYTER_CONFIG_DIR": str(self.root / "cfg"),
+        env = {**self.env, "JUPYTER_CONFIG_DIR": str(self.root / "cfg"),
                "JUPYTER_RUNTIME_DIR": str(self.root / "runtime"), "JUPYTER_DATA_DIR": str(self.root / "data")}
         (self.root / "cfg").mkdir(exist_ok=True)  # the config-file route: c.SageNBApp.port_range
         (self.root / "cfg" / "jupyter_server_config.json").write_text(
             json.dumps({"SageNBApp": {"port_range": list(self.port_range), "adopt_unrecorded": self.adopt}}))
         self.log = open(self.root / f"server-{time.time():.0f}.log", "wb")  # noqa: SIM115
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "jupyter_server", "--no-browser", "--allow-root", f"--port={self.port}",
+            [*self.run_as, self.python, "-m", "jupyter_server", "--no-browser", "--allow-root", f"--port={self.port}",
              "--ip=127.0.0.1", f"--ServerApp.base_url={self.base}", f"--IdentityProvider.token={TOKEN}",
              "--ServerApp.jpserver_extensions={'sage_nb': True}",
              f"--SageNBApp.state_dir={self.state_dir}", *self.extra_args],
