@@ -18,6 +18,7 @@ from .gpus import GpuInventory
 from .ledger import SharedLedger, reap
 from .registry import Engine, Registry, Txn
 from .requests import LaunchRequest
+from .scope import KernelHost
 from .settings import Settings
 from .sizing import CUDA_CONTEXT_MIB, MIN_MODEL_LEN, ModelSpec, inspect_hub_model, inspect_model
 from .state import STOPPABLE, is_routable
@@ -110,10 +111,12 @@ class ControlPlane:
                      port: int | None = None, max_model_len: int | None = None,
                      extra_args: list[str] | tuple[str, ...] = (), wait: bool = True,
                      dtype: str | None = None, gpu_memory_utilization: float | None = None,
-                     timeout: float | None = None, keep_alive: float | str | None = None) -> dict:
+                     timeout: float | None = None, keep_alive: float | str | None = None,
+                     kernel_id: str | None = None, notebook: str | None = None, scope: str = "server") -> dict:
         """Launch a vLLM engine; with ``wait`` block until it is ready (or raise :class:`EngineFailed`).
         ``keep_alive``: how long it may go without a request before it gives its memory back
-        (seconds or ``"10m"``; ``-1``: forever; ``None``: the server's default).
+        (seconds or ``"10m"``; ``-1``: forever; ``None``: the server's default). ``kernel_id`` and
+        ``notebook``: who starts it; ``scope="kernel"``: stopped when that kernel ends (:mod:`.scope`).
 
         Bad input raises :class:`BadRequest`; a port that is taken or a model that fits
         no GPU raises :class:`Conflict` with the numbers. Nothing is created then.
@@ -123,7 +126,7 @@ class ControlPlane:
                             max_model_len=max_model_len, dtype=dtype,
                             gpu_memory_utilization=gpu_memory_utilization,
                             extra_args=list(extra_args) if isinstance(extra_args, tuple) else extra_args,
-                            keep_alive=keep_alive)
+                            keep_alive=keep_alive, kernel_id=kernel_id, notebook=notebook, scope=scope)
         return self.start(req, wait=wait, timeout=timeout)
 
     def start(self, req: LaunchRequest, wait: bool = True, timeout: float | None = None) -> dict:
@@ -161,7 +164,8 @@ class ControlPlane:
                         api_key=secrets.token_urlsafe(24), dtype=req.dtype,
                         tensor_parallel_size=req.tensor_parallel_size, max_model_len=req.max_model_len,
                         extra_args=req.extra_args, log_path=str(self.settings.log_dir / f"{engine_id}.log"),
-                        keep_alive=req.keep_alive_s(self.settings.keep_alive), request=dataclasses.asdict(req))
+                        keep_alive=req.keep_alive_s(self.settings.keep_alive), request=dataclasses.asdict(req),
+                        **self.supervisor.scope.owner(req))
         views = self._placed(txn, engine, req, spec)
         return engine, views
 
@@ -270,6 +274,12 @@ class ControlPlane:
     def usage(self) -> idle.Usage:
         """This process's requests per engine (the router and the kernel client note them)."""
         return self.supervisor.idle.usage
+
+    def set_kernel_host(self, host: KernelHost | None) -> None:
+        """Say how this control plane knows kernels (a Jupyter server's kernel manager; the kernel an
+        embedded control plane runs in): engines may then be tied to a kernel (``scope="kernel"``)
+        and are stopped when it ends (see :mod:`.scope`)."""
+        self.supervisor.scope.host = host
 
     # ------------------------------------------------------------------ lifecycle (the Supervisor's)
     def stop_engine(self, id_or_name: str) -> dict:

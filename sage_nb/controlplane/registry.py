@@ -21,6 +21,7 @@ from pathlib import Path
 
 from .errors import NotFound, StateError
 from .ledger import SharedLedger
+from .public import public_model
 from .state import EngineState, check_transition
 
 SCHEMA = """
@@ -49,10 +50,6 @@ log = logging.getLogger(__name__)
 def _corrupt(error: sqlite3.DatabaseError) -> bool:
     text = str(error).lower()
     return "not a database" in text or "malformed" in text or "corrupt" in text
-
-
-# Fields of the engine record that are never shown outside the control plane.
-PRIVATE_FIELDS = frozenset({"api_key", "create_time", "launch_env", "request"})
 
 
 @dataclass
@@ -99,6 +96,13 @@ class Engine:
     wake_started_at: float | None = None  # a wake is under way (a request waits for it)
     weights_mib: int = 0
     request: dict = field(default_factory=dict)  # the launch request, to launch it again when unloaded
+    # who started it, and an engine tied to its kernel (scope "kernel": see scope.py)
+    kernel_id: str | None = None
+    notebook: str | None = None  # the notebook's path as Jupyter knows it
+    scope: str = "server"
+    kernel_pid: int | None = None  # the kernel's process (with its start time), where it is local
+    kernel_started: float | None = None
+    kernel_server: str | None = None  # "<pid>:<start time>" of the server whose kernel manager knows it
 
     @property
     def base_url(self) -> str:
@@ -121,24 +125,6 @@ class Engine:
 
 FIELD_NAMES = tuple(f.name for f in fields(Engine))
 ALL_FIELDS = frozenset(FIELD_NAMES)
-
-
-def public_model(record: dict) -> dict:
-    """An engine's public JSON model from its stored fields (changed in place): no secrets, plus
-    ``base_url``. The one place the model shown outside the control plane is made."""
-    for name in PRIVATE_FIELDS:
-        record.pop(name, None)
-    record["base_url"] = f"http://{record['host']}:{record['port']}/v1" if record.get("port") else None
-    record["idle_at"] = idle_at(record)
-    return record
-
-
-def idle_at(record: dict) -> float | None:
-    """When a ready engine with a keep-alive goes idle (epoch seconds), else ``None``."""
-    keep = record.get("keep_alive")
-    if keep is None or record.get("state") != EngineState.READY:
-        return None
-    return max(record.get("last_used_at") or 0.0, record.get("ready_at") or 0.0) + keep
 
 
 class Txn:

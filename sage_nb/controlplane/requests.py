@@ -10,6 +10,7 @@ from .errors import BadRequest
 from .sizing import validate_model_name
 
 KINDS = ("llm", "embedding")
+SCOPES = ("server", "kernel")  # kernel: stopped when the kernel that started it ends (scope.py)
 FOREVER = -1.0
 DTYPES = ("auto", "half", "float16", "bfloat16", "float", "float32")
 # Flags sage_nb sets itself; an engine may not override them through extra_args.
@@ -33,6 +34,9 @@ class LaunchRequest:
     gpu_memory_utilization: float | None = None
     extra_args: list[str] = field(default_factory=list)
     keep_alive: float | str | None = None  # None: the server's default; -1 or "forever": forever
+    kernel_id: str | None = None  # the kernel that starts it (the kernel client fills it in)
+    notebook: str | None = None  # that kernel's notebook, as Jupyter knows its path
+    scope: str = "server"  # "kernel": stopped when that kernel shuts down
 
     def __post_init__(self) -> None:
         validate_model_name(self.model)
@@ -59,6 +63,14 @@ class LaunchRequest:
         if u is not None and (isinstance(u, bool) or not isinstance(u, (int, float)) or not 0 < u <= 1):
             raise BadRequest(f"gpu_memory_utilization must be a number in (0, 1], got {u!r}")
         self.extra_args = self._check_args(self.extra_args)
+        self.kernel_id = validation.kernel_id(self.kernel_id)
+        self.notebook = validation.notebook_path(self.notebook)
+        if self.scope not in SCOPES:
+            raise BadRequest(f"unknown scope {self.scope!r}: use 'server' (the engine outlives its kernel) "
+                             "or 'kernel' (stopped when its kernel shuts down)")
+        if self.scope == "kernel" and self.kernel_id is None:
+            raise BadRequest("scope 'kernel' needs the kernel_id of the kernel it is tied to "
+                             "(%llm start in a Jupyter kernel sends it)")
         if self.keep_alive is not None:
             seconds = validation.duration("keep_alive", self.keep_alive)
             self.keep_alive = FOREVER if seconds is None else seconds

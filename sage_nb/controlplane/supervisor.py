@@ -17,7 +17,7 @@ import threading
 import time
 from pathlib import Path
 
-from . import idle, ports, probes, process, reconcile, scan
+from . import idle, ports, probes, process, reconcile, scan, scope
 from .errors import Conflict, EngineFailed
 from .gpus import GpuInventory
 from .registry import Engine, Registry
@@ -53,6 +53,7 @@ class Supervisor:
         self._stop_event = threading.Event()  # each loop has its own: a closed one never resumes
         self._lock = threading.Lock()
         self.idle = idle.IdleKeeper(self)
+        self.scope = scope.KernelScope(self)  # who started each engine; kernel-scoped ones end with it
 
     # ------------------------------------------------------------------ launch
     def launch(self, engine: Engine) -> None:
@@ -130,9 +131,9 @@ class Supervisor:
     def _kill(self, engine: Engine, grace: float) -> list[int]:
         return process.kill_tree(engine.pid, engine.create_time, grace, self.popens.pop(engine.id, None))
 
-    def stop(self, id_or_name: str) -> dict:
+    def stop(self, id_or_name: str, note: str | None = None) -> dict:
         """Kill the engine's whole process group (TERM, then KILL), verify it is gone, then release
-        its port lease, GPU booking and health state."""
+        its port lease, GPU booking and health state (``note``: why, added to the record's note)."""
         with self.registry.transaction() as txn:
             engine = txn.find(id_or_name)
             if engine.state in STOPPABLE:
@@ -148,6 +149,8 @@ class Supervisor:
             changes = {"health_failures": 0}
             if current.state == EngineState.STOPPING:
                 changes.update(state=EngineState.STOPPED, stopped_at=time.time())
+                if note:
+                    changes["note"] = "; ".join(n for n in (current.note, note) if n)
             return txn.update(engine.id, **changes).to_model()
 
     def stop_all(self, prune: bool = True) -> dict:
@@ -219,6 +222,7 @@ class Supervisor:
             except LookupError:
                 continue  # pruned meanwhile
         self.work.forget({e.id for e in engines if e.state == EngineState.READY})
+        self.scope.check(engines)
         self.idle.check(engines)
 
     def _exit_code(self, engine: Engine) -> tuple[bool, int | None]:
@@ -299,10 +303,12 @@ class Supervisor:
             stopped.wait(min(interval, 0.5) if starting else interval)
 
     def close(self) -> None:
-        """Stop the monitor loop (engines keep running); it ends after the pass under way."""
+        """Stop the monitor loop (engines keep running); it ends after the pass under way. Nothing is
+        stopped at this process's exit any more (an embedded kernel's kernel-scoped engines)."""
         with self._lock:
             self._stop_event.set()
             self._thread = None
+        self.scope.close()
 
     # ------------------------------------------------------------------ reconcile
     def reconcile(self) -> dict:

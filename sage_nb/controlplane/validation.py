@@ -10,6 +10,8 @@ from .errors import BadRequest
 
 ENGINE_NAME = r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}"  # also the REST path part of an engine id or name
 _NAME = re.compile(ENGINE_NAME)
+_KERNEL_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}")  # Jupyter's are uuids
+MAX_PATH = 4096
 # a duration as Ollama's keep_alive takes it: "90", "45s", "10m", "1h30m", "2d"
 _DURATION = re.compile(r"(?:(\d+(?:\.\d+)?)([smhd]))+|\d+(?:\.\d+)?")
 _PART = re.compile(r"(\d+(?:\.\d+)?)([smhd])")
@@ -52,6 +54,21 @@ def engine_name(value) -> str:
     if not is_engine_name(value):
         raise BadRequest(f"invalid engine name {value!r}: letters, digits, '.', '_', '-' "
                          "(at most 64, starting with a letter or digit)")
+    return value
+
+
+def kernel_id(value) -> str | None:
+    """A Jupyter kernel id (``None``: no kernel)."""
+    if value is not None and not (isinstance(value, str) and _KERNEL_ID.fullmatch(value)):
+        raise BadRequest(f"invalid kernel_id {value!r}: a Jupyter kernel id such as "
+                         "'5f0c7e0e-3a5d-4a31-9b8e-0e4c2f1d9a77'")
+    return value
+
+
+def notebook_path(value) -> str | None:
+    """The path of a notebook as Jupyter knows it (``None``: none)."""
+    if value is not None and (not isinstance(value, str) or "\x00" in value or len(value) > MAX_PATH):
+        raise BadRequest(f"notebook must be a path (a string of at most {MAX_PATH} characters), got {value!r:.80}")
     return value
 
 
