@@ -14,6 +14,7 @@ from traitlets import Bool, Dict, Float, HasTraits, Int, TraitType, Tuple, Unico
 
 from sage_nb.controlplane import ControlPlane, ControlPlaneError, Settings
 from sage_nb.controlplane.router import Router
+from sage_nb.controlplane.scope import KernelHost
 from sage_nb.controlplane.settings import ENV_PREFIX
 
 from .gateway import GATEWAY_HANDLERS, Watchdog
@@ -78,6 +79,7 @@ class SageNBApp(ExtensionApp, SettingTraits):
         except ControlPlaneError as e:
             raise SystemExit(f"sage_nb: bad configuration: {e.message}") from None
         self.control_plane = cp
+        cp.set_kernel_host(kernel_host(self.serverapp.kernel_manager))
         router = Router(cp.registry, cp.usage)
         self.watchdog = Watchdog(router)
         self.settings.update({
@@ -129,6 +131,22 @@ class SageNBApp(ExtensionApp, SettingTraits):
             self.log.info("sage_nb: stopped %d engine(s) at shutdown%s", len(report["stopped"]),
                           f"; could not stop: {report['failed']}" if report["failed"] else "")
         cp.close()
+
+
+def kernel_host(kernel_manager) -> KernelHost:
+    """The control plane's view of this server's kernels (for engines of scope ``kernel``): which
+    kernel ids run, and each one's process where it is local (jupyter_client's LocalProvisioner).
+    Called from the control plane's threads: both only read the kernel manager's tables."""
+
+    def pid_of(kernel_id: str) -> int | None:
+        try:
+            kernel = kernel_manager.get_kernel(kernel_id)
+        except KeyError:
+            return None
+        pid = getattr(getattr(kernel, "provisioner", None), "pid", None)
+        return pid if isinstance(pid, int) and not isinstance(pid, bool) else None
+
+    return KernelHost(knows=lambda kernel_id: kernel_id in kernel_manager, pid_of=pid_of, server=True)
 
 
 def freeze_long_lived() -> int:

@@ -1,0 +1,61 @@
+"""Kernel-scoped engines over REST (pytest-jupyter, stub engines, a fake GPU so there is a booking):
+the server knows its kernels through its kernel manager; a start tied to a kernel it does not know is
+a 400; a restart or a shutdown of the kernel through ``/api/kernels`` stops the engine and frees its
+booking. The same with a real vLLM engine and a real kernel running ``%llm start``:
+test_scope_vllm.py."""
+
+import json
+
+import pytest
+
+from sage_nb.controlplane import ControlPlane
+
+from ..conftest import BUSY_BOX
+from .test_rest import call, error, wait_state
+
+pytestmark = pytest.mark.usefixtures("cleanup_engines")
+on_box = pytest.mark.parametrize("fake_gpus", [json.dumps(BUSY_BOX)], ids=["box"])
+
+
+async def booked(jp_fetch) -> int:
+    return sum(d["booked_mib"] for d in (await call(jp_fetch, "api", "gpus"))[1]["devices"])
+
+
+async def tied_engine(jp_fetch, model_dir, kernel_id: str, name: str) -> dict:
+    code, e = await call(jp_fetch, "api", "engines", method="POST", body={
+        "model": str(model_dir(1)), "name": name, "scope": "kernel", "kernel_id": kernel_id,
+        "notebook": "work/nb.ipynb"})
+    assert code == 202 and (e["scope"], e["kernel_id"], e["notebook"]) == ("kernel", kernel_id, "work/nb.ipynb")
+    return await wait_state(jp_fetch, e["id"])
+
+
+@on_box
+async def test_kernel_scope_over_rest(jp_fetch, model_dir, fake_gpus, state_dir):
+    code, message = await error(jp_fetch, "api", "engines", method="POST", body={
+        "model": str(model_dir(1)), "scope": "kernel", "kernel_id": "5f0c7e0e-0000-4000-8000-000000000000"})
+    assert code == 400 and "this Jupyter server has no kernel '5f0c7e0e-0000-4000-8000-000000000000'" in message
+    code, message = await error(jp_fetch, "api", "engines", method="POST", body={"model": "m", "scope": "kernel"})
+    assert code == 400 and "needs the kernel_id" in message
+    code, message = await error(jp_fetch, "api", "engines", method="POST", body={"model": "m", "scope": "box"})
+    assert code == 400 and "unknown scope 'box'" in message
+
+    resp = await jp_fetch("api", "kernels", method="POST", body=json.dumps({"name": "python3"}))
+    kid = json.loads(resp.body)["id"]
+    first = await tied_engine(jp_fetch, model_dir, kid, "first")
+    assert first["booked_mib"] > 0 and await booked(jp_fetch) == first["booked_mib"]
+    listed = (await call(jp_fetch, "api", "engines"))[1]
+    assert [(x["kernel_id"], x["notebook"], x["scope"]) for x in listed] == [(kid, "work/nb.ipynb", "kernel")]
+    assert "kernel_pid" not in listed[0]
+
+    await jp_fetch("api", "kernels", kid, "restart", method="POST", body=b"")  # a restart counts
+    first = await wait_state(jp_fetch, first["id"], "stopped")
+    assert first["note"] == f"stopped: its kernel {kid} restarted"
+    assert await booked(jp_fetch) == 0
+
+    second = await tied_engine(jp_fetch, model_dir, kid, "second")  # tied to the restarted kernel
+    await jp_fetch("api", "kernels", kid, method="DELETE")
+    second = await wait_state(jp_fetch, second["id"], "stopped", timeout=20)
+    assert second["note"] == f"stopped: its kernel {kid} shut down"
+    assert await booked(jp_fetch) == 0
+    with ControlPlane(state_dir=state_dir, monitor=False).registry.snapshot() as txn:
+        assert txn.leases() == {} and txn.bookings() == []  # port leases and bookings both released
