@@ -18,7 +18,7 @@ from sage_nb.controlplane import ControlPlane, EngineFailed, EngineState, Launch
 from sage_nb.controlplane.router import BackendIndex
 
 from . import integrations
-from .connection import ServerInfo
+from .connection import ServerInfo, this_kernel
 from .transport import Transport, connect
 
 # (pattern in the engine log, phase shown while it loads); the last one found wins
@@ -99,7 +99,12 @@ class Client:
     def start(self, model: str, kind: str = "llm", *, wait: bool = True, timeout: float | None = None,
               on_progress: Callable[[dict, str], None] | None = None, **options) -> dict:
         """Start an engine (options as ``ControlPlane.start_engine``); with ``wait``, block until it
-        is ready, calling ``on_progress(engine, phase)`` as the loading phase changes."""
+        is ready, calling ``on_progress(engine, phase)`` as the loading phase changes. In a kernel,
+        ``kernel_id`` and ``notebook`` are this kernel's unless given; ``scope="kernel"`` stops the
+        engine when this kernel shuts down."""
+        kernel_id, notebook = this_kernel()  # who starts it (and the kernel scope="kernel" ties it to)
+        options.setdefault("kernel_id", kernel_id)
+        options.setdefault("notebook", notebook)
         req = LaunchRequest(model=model, kind=kind, **options)  # bad input fails here, before any call
         engine = self.transport.start(req)
         return self.wait_ready(engine["id"], timeout, on_progress) if wait else engine

@@ -1,15 +1,18 @@
 """How a kernel finds its Jupyter server: ``jpserver-<JPY_PARENT_PID>.json`` in the Jupyter
-runtime dir (url, token, base_url), with ``SAGE_NB_SERVER_URL`` / ``SAGE_NB_TOKEN`` overrides."""
+runtime dir (url, token, base_url), with ``SAGE_NB_SERVER_URL`` / ``SAGE_NB_TOKEN`` overrides; and
+which kernel and notebook it is (:func:`this_kernel`)."""
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
+from sage_nb.controlplane import validation
 from sage_nb.controlplane.errors import BadRequest, Conflict, ControlPlaneError, NotFound
 
 _OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # loopback: never a proxy
@@ -52,6 +55,24 @@ def find_server(url: str | None = None, token: str | None = None) -> ServerInfo 
     except (OSError, ValueError):
         return None
     return ServerInfo(info["url"].rstrip("/") + "/", token or info.get("token", ""), str(info_file))
+
+
+def this_kernel() -> tuple[str | None, str | None]:
+    """This kernel's id and its notebook: the id from its connection file's name (``kernel-<id>.json``,
+    as Jupyter names it), the notebook's path from ``JPY_SESSION_NAME`` (jupyter_server sets it for a
+    session's kernel). ``None`` for what is not known (plain IPython, a kernel started by hand)."""
+    notebook = os.environ.get("JPY_SESSION_NAME") or None
+    try:
+        from ipykernel.connect import get_connection_file
+
+        name = Path(get_connection_file()).name
+    except (ImportError, RuntimeError, OSError):  # not in a running kernel, or its file is gone
+        return None, notebook
+    match = re.fullmatch(r"kernel-(.+)\.json", name)
+    try:
+        return (validation.kernel_id(match.group(1)) if match else None), notebook
+    except BadRequest:
+        return None, notebook
 
 
 def request(server: ServerInfo, method: str, path: str, body=None, timeout: float = 30.0):

@@ -68,6 +68,8 @@ class LLMMagics(Magics):
                                                   "max_model_len", "dtype")}
         if args.keep_alive is not None:  # as typed; the control plane reads it
             options["keep_alive"] = args.keep_alive
+        if args.scope is not None:
+            options["scope"] = args.scope
         kind = "embedding" if args.embedding else "llm"
         if args.no_wait:
             engine = self.client.start(args.model, kind, wait=False, extra_args=vllm_args, **options)

@@ -13,6 +13,7 @@ from IPython.core.error import UsageError
 
 from sage_nb.controlplane import validation
 from sage_nb.controlplane.errors import BadRequest
+from sage_nb.controlplane.requests import SCOPES
 
 
 class _Parser(argparse.ArgumentParser):
@@ -89,6 +90,8 @@ def line_parser() -> argparse.ArgumentParser:
     start.add_argument("--dtype", help="auto, float16, bfloat16, float32")
     start.add_argument("--keep-alive", type=_keep_alive, help=f"idle time before the engine gives its GPU "
                        f"memory back: {DURATIONS} (default: the server's)")
+    start.add_argument("--scope", choices=SCOPES, help="kernel: stop the engine when this kernel shuts down "
+                       "(or restarts); server (default): it outlives the kernel")
     start.add_argument("--no-wait", action="store_true", help="return at once while vLLM loads")
     commands = {"stop": "stop an engine (frees its port and GPU memory)", "logs": "show the tail of an engine's log",
                 "sleep": "give an engine's GPU memory back now (it wakes on the next request)",

@@ -9,9 +9,10 @@ from typing import TYPE_CHECKING, Protocol
 from urllib.parse import quote
 
 from sage_nb.controlplane import ControlPlane, LaunchRequest, NotFound, validation
+from sage_nb.controlplane.scope import KernelHost
 
 from . import engine_http
-from .connection import ServerInfo, find_server, reachable, request
+from .connection import ServerInfo, find_server, reachable, request, this_kernel
 
 if TYPE_CHECKING:
     import httpx
@@ -176,5 +177,8 @@ def connect(server: ServerInfo | None = None, *, url: str | None = None, token: 
         if embedded is False:
             raise ConnectionError(f"sage_nb server extension not reachable: {why}")
     control_plane = ControlPlane(**cp_settings)
+    kernel_id = this_kernel()[0]
+    if kernel_id is not None:  # in a kernel: engines may be tied to it (scope "kernel")
+        control_plane.set_kernel_host(KernelHost.this_process(kernel_id))
     control_plane.discover()
     return EmbeddedTransport(control_plane, why)

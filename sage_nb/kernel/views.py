@@ -79,11 +79,17 @@ def idle_text(engine: dict, now: float | None = None) -> str:
     return ""
 
 
+def started_by(engine: dict) -> str:
+    """Which notebook (else kernel) started the engine, and ``(kernel scope)`` when it ends with it."""
+    who = (engine.get("notebook") or "").replace("\\", "/").rsplit("/", 1)[-1] or (engine.get("kernel_id") or "")[:8]
+    return f"{who} (kernel scope)" if engine.get("scope") == "kernel" else who
+
+
 def engines_table(engines: list[dict], title: str = "sage_nb engines") -> Table:
     rows = [[e["id"], e["name"], e["kind"], e["state"], ",".join(map(str, e["gpu_ids"])) or e.get("device", "cpu"),
-             e["port"], uptime(e), idle_text(e), e["served_model_name"]] for e in engines]
-    return Table(title, ["id", "name", "kind", "state", "gpus", "port", "uptime", "idle", "model"], rows,
-                 empty="no engines — start one with %llm start <model>")
+             e["port"], uptime(e), idle_text(e), e["served_model_name"], started_by(e)] for e in engines]
+    return Table(title, ["id", "name", "kind", "state", "gpus", "port", "uptime", "idle", "model", "started by"],
+                 rows, empty="no engines — start one with %llm start <model>")
 
 
 def backends_table(backends: dict, gateway_url: str | None = None) -> Table:
