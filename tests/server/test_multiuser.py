@@ -28,6 +28,7 @@ import psutil
 import pytest
 
 from sage_nb.controlplane import ControlPlane
+from sage_nb.controlplane.ledger import SharedLedger
 from sage_nb.controlplane.process import group_members
 
 from ..conftest import GIB, make_model_dir, wait_for
@@ -68,13 +69,16 @@ def user_server(box, user, gpus, name: str, port_range, stub: bool):
     root = user.home / name
     root.mkdir()
     os.chown(root, user.uid, user.gid)
+    # the ledger is configured as the README tells an admin: sage_nb's own config file
+    (root / "cfg").mkdir()
+    (root / "cfg" / "jupyter_sage_nb_config.json").write_text(
+        json.dumps({"SageNBApp": {"shared_ledger": str(box["ledger"])}}))
     engine_env = {"PYTHONPATH": str(env.project / "sage_nb" / "testing" / "stub_engine")} if stub else {}
     server = Server(root, root / "state", free_port(), port_range=port_range, base="/",
                     python=env.python, run_as=user.prefix(),
                     env={**env.env(), "HOME": str(user.home), "USER": user.name, "LOGNAME": user.name,
                          "HF_HUB_OFFLINE": "1", "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_NO_USAGE_STATS": "1"},
-                    extra_args=[f"--SageNBApp.shared_ledger={box['ledger']}",
-                                f"--SageNBApp.fake_gpus={json.dumps(gpus)}", "--SageNBApp.health_interval=0.5",
+                    extra_args=[f"--SageNBApp.fake_gpus={json.dumps(gpus)}", "--SageNBApp.health_interval=0.5",
                                 f"--SageNBApp.engine_env={json.dumps(engine_env)}"])
     server.start()
     try:
@@ -190,6 +194,15 @@ def test_a_real_engine_is_its_owners_and_its_stale_booking_is_reaped_by_another(
         assert psutil.Process(mine["pid"]).uids().real == alice.uid
         assert a.request("POST", "sage_nb/v1/chat/completions",
                          {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2})[0] == 200
+
+        # the ledger every user of the group reads holds who, what and how much: never her engine's
+        # key or its log path
+        key = Path(f"/proc/{mine['pid']}/environ").read_bytes().split(b"VLLM_API_KEY=")[1].split(b"\0")[0]
+        rows = SharedLedger(box["ledger"]).bookings()
+        assert [(r["owner"], r["owner_uid"], r["engine_name"], r["mib"], r["pid"]) for r in rows] == \
+            [(alice.name, alice.uid, "tiny", need, mine["pid"])]
+        assert len(key) >= 16 and key.decode() not in json.dumps(rows) and mine["log_path"] not in json.dumps(rows)
+        assert bob.run("head", "-c", "15", str(box["ledger"] / "ledger.sqlite3")).stdout == "SQLite format 3"
 
         # bob sees it as alice's, with its MiB; his own start does not fit beside it
         (device,) = parts(b)
