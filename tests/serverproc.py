@@ -75,7 +75,9 @@ class Server:
         return self.request("GET", path)
 
     def kill(self) -> None:
-        self.proc.send_signal(signal.SIGKILL)
+        """SIGKILL the server (if it still runs) and reap it."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
         self.proc.wait()
 
 
@@ -114,8 +116,7 @@ def running_server(root, port_range=(18900, 18949), stub_engines=False, extra_ar
     try:
         yield server
     finally:
-        if server.proc.poll() is None:
-            server.kill()
+        server.kill()
         cp = ControlPlane(state_dir=server.state_dir, monitor=False)
         for engine in cp.engines():
             for proc in group_members(engine["pid"]) if engine["pid"] else []:

@@ -84,8 +84,7 @@ def user_server(box, user, gpus, name: str, port_range, stub: bool):
     try:
         yield server
     finally:
-        if server.proc.poll() is None:
-            server.kill()
+        server.kill()
         subprocess.run(["pkill", "-KILL", "-u", user.name], check=False)  # every engine of theirs too
 
 
