@@ -95,6 +95,16 @@ def stub_cp(state_dir):
         cp.close()
 
 
+@pytest.fixture
+def online_hub(monkeypatch):
+    """huggingface_hub may make requests in this test. The suite runs with HF_HUB_OFFLINE=1, which
+    huggingface_hub reads once, at import, into ``constants.HF_HUB_OFFLINE`` (every request checks
+    that); the test names only a local hub (``sage_nb.testing.hub.LocalHub``) as HF_ENDPOINT."""
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+
+
 @pytest.fixture(scope="session")
 def tiny_llama(tmp_path_factory) -> Path:
     from sage_nb.testing.tinymodel import default_models_dir, make_tiny_llama

@@ -7,6 +7,7 @@ thread and any process of the user: they all meet in one SQLite registry.
 from __future__ import annotations
 
 import dataclasses
+import os
 import secrets
 import time
 import uuid
@@ -140,11 +141,10 @@ class ControlPlane:
         return self.wait_ready(engine.id, timeout) if wait else self.engine(engine.id)
 
     def _size(self, req: LaunchRequest) -> ModelSpec:
-        spec = inspect_model(req.model) or inspect_hub_model(req.model)
-        if spec is None:
-            raise BadRequest(f"cannot size model {req.model!r} for GPU placement: it is not a local "
-                             "directory, not in the Hugging Face cache, and the hub is unreachable")
-        return spec
+        """The model's size: from its files on this machine, else from the hub's metadata (the hub
+        and cache the engine would use); :class:`BadRequest` saying why it cannot be sized."""
+        env = {**os.environ, **self.settings.engine_env}
+        return inspect_model(req.model, env) or inspect_hub_model(req.model, env)
 
     def plan(self, model: str, kind: str = "llm", **options) -> dict:
         """What :meth:`start_engine` would do, without doing it: the engine model it would record

@@ -9,9 +9,11 @@ from __future__ import annotations
 import json
 import os
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from . import hubmeta
 from .errors import BadRequest
 
 MIB = 1024 * 1024
@@ -84,16 +86,22 @@ def validate_model_name(model: str) -> None:
                          "Hugging Face model id (org/name)")
 
 
-def local_model_dir(model: str) -> Path | None:
-    """The local directory of ``model``: the path itself, or its Hugging Face cache snapshot."""
+def hub_cache(env: Mapping[str, str] | None = None) -> str:
+    """The Hugging Face hub cache of an environment (``HF_HUB_CACHE``, else ``HF_HOME/hub``)."""
+    env = os.environ if env is None else env
+    return env.get("HF_HUB_CACHE") or os.path.join(
+        env.get("HF_HOME") or os.path.expanduser("~/.cache/huggingface"), "hub")
+
+
+def local_model_dir(model: str, env: Mapping[str, str] | None = None) -> Path | None:
+    """The local directory of ``model``: the path itself, or its snapshot in the Hugging Face cache
+    of ``env`` (the engine's environment; default: this process's)."""
     path = Path(model).expanduser()
     if path.is_dir():
         return path
     if not HF_ID.match(model) or "/" not in model:
         return None
-    hub = os.environ.get("HF_HUB_CACHE") or os.path.join(
-        os.environ.get("HF_HOME", os.path.expanduser("~/.cache/huggingface")), "hub")
-    repo = Path(hub) / ("models--" + model.replace("/", "--"))
+    repo = Path(hub_cache(env)) / ("models--" + model.replace("/", "--"))
     ref = repo / "refs" / "main"
     if ref.is_file():
         snap = repo / "snapshots" / ref.read_text().strip()
@@ -136,9 +144,9 @@ def spec_from_config(config: dict, weights_bytes: int, source: str) -> ModelSpec
                      architectures=list(cfg.get("architectures") or []))
 
 
-def inspect_model(model: str) -> ModelSpec | None:
+def inspect_model(model: str, env: Mapping[str, str] | None = None) -> ModelSpec | None:
     """Size a model found on this machine; ``None`` when it is not available locally."""
-    directory = local_model_dir(model)
+    directory = local_model_dir(model, env)
     if directory is None or not (directory / "config.json").is_file():
         return None
     try:
@@ -164,19 +172,15 @@ def _sentence_transformers_limit(directory: Path) -> int | None:
     return value if isinstance(value, int) and value > 0 else None
 
 
-def inspect_hub_model(model: str, timeout: float = 20.0) -> ModelSpec | None:
-    """Size a Hugging Face model from the hub's metadata (config and file sizes); None if unreachable."""
-    if not HF_ID.match(model) or "/" not in model:
-        return None
-    try:
-        from huggingface_hub import HfApi, hf_hub_download
-
-        config_path = hf_hub_download(model, "config.json", etag_timeout=timeout)
-        info = HfApi().model_info(model, files_metadata=True, timeout=timeout)
-        sizes = {s.rfilename: s.size or 0 for s in info.siblings or []}
-    except Exception:
-        return None
-    weights = sum(v for k, v in sizes.items() if k.endswith(".safetensors")) or sum(
-        v for k, v in sizes.items() if k.endswith(WEIGHT_SUFFIXES))
-    config = json.loads(Path(config_path).read_text())
+def inspect_hub_model(model: str, env: Mapping[str, str] | None = None, timeout: float = 20.0) -> ModelSpec:
+    """Size a model that is not on this machine from the hub's metadata (its ``config.json`` and
+    file sizes), asking the hub ``env`` (the engine's environment) names; :class:`BadRequest`
+    saying why when it cannot (offline, unreachable, gated, no such model: :mod:`.hubmeta`)."""
+    env = os.environ if env is None else env
+    if not HF_ID.match(model):
+        raise BadRequest(f"cannot size model {model!r}: it is neither a local directory nor a Hugging Face id")
+    config, sizes = hubmeta.fetch(model, env, hub_cache(env), timeout)
+    top = {k: v for k, v in sizes.items() if "/" not in k}  # as vLLM loads them (not original/...)
+    weights = sum(v for k, v in top.items() if k.endswith(".safetensors")) or sum(
+        v for k, v in top.items() if k.endswith(WEIGHT_SUFFIXES))
     return spec_from_config(config, weights, model)
