@@ -119,8 +119,10 @@ def make_user(group: str, homes: Path) -> User:
     name = f"sageu{secrets.token_hex(3)}"
     subprocess.run(["useradd", "--no-create-home", "-G", group, name], check=True)
     entry = pwd.getpwnam(name)
+    homes.mkdir(exist_ok=True)
+    os.chmod(homes, 0o755)  # whatever this process's umask
     home = homes / name
-    home.mkdir(parents=True)
+    home.mkdir()
     os.chown(home, entry.pw_uid, entry.pw_gid)
     os.chmod(home, 0o755)
     return User(name=name, uid=entry.pw_uid, gid=entry.pw_gid, home=home)

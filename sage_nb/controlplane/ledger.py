@@ -7,9 +7,10 @@ process start time, by which any reader can tell a stale booking (its process is
 SQLite in WAL mode across uids has traps: the ``-wal`` and ``-shm`` files are created by whoever
 opens the database first, with that user's ownership and umask. So the ledger lives in a setgid
 directory of a group every user is in (files inherit the group), every file is group-writable
-(this process opens it under umask 007), and :func:`check` says what is wrong, in words, before
-SQLite would say "attempt to write a readonly database". NFS breaks WAL's shared memory: the ledger
-must be on local disk. ``python -m sage_nb.admin init-shared DIR --group GROUP`` sets it up.
+(the database is created 0660, and SQLite gives its -wal and -shm the same mode), and :func:`check`
+says what is wrong, in words, before SQLite would say "attempt to write a readonly database". NFS
+breaks WAL's shared memory: the ledger must be on local disk. ``python -m sage_nb.admin init-shared
+DIR --group GROUP`` sets it up.
 """
 
 from __future__ import annotations
@@ -88,6 +89,22 @@ def filesystem(path: Path) -> str | None:
     return kind
 
 
+def create_mode(path: Path, mode: int) -> None:
+    """Create the SQLite file ``path`` with exactly ``mode`` if it does not exist yet. SQLite gives the
+    ``-wal`` and ``-shm`` files the database file's mode, but would make the file itself 0644 less
+    the umask. The umask is not touched: it is the whole process's, and a server's other threads
+    would create their files under it (changing it for a moment, from several threads, can leave it
+    changed for good)."""
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, mode)
+    except FileExistsError:
+        return
+    try:
+        os.fchmod(fd, mode)  # the umask took bits off
+    finally:
+        os.close(fd)
+
+
 def check(directory: str | os.PathLike) -> list[str]:
     """What stops the users of the group from sharing the ledger in ``directory`` (empty: nothing)."""
     directory = Path(directory)
@@ -140,20 +157,14 @@ class SharedLedger:
     def _connect(self) -> sqlite3.Connection:
         conn = getattr(self._local, "conn", None)
         if conn is None:
-            old = os.umask(0o007)
             try:
-                # SQLite makes the -wal and -shm files with the database file's mode, and makes that
-                # file 0644 less the umask: create it 0660 first, so every file is group read-write
-                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o660)
-                os.close(fd)
+                create_mode(self.path, 0o660)
                 conn = sqlite3.connect(self.path, timeout=30.0, isolation_level=None)
                 conn.execute("PRAGMA busy_timeout=30000")
                 if conn.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
                     conn.execute("PRAGMA journal_mode=WAL")
             except (sqlite3.Error, OSError) as e:
                 raise self._explain(e) from None
-            finally:
-                os.umask(old)
             self._local.conn = conn
         return conn
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from .errors import NotFound, StateError
-from .ledger import SharedLedger
+from .ledger import SharedLedger, create_mode
 from .public import public_model
 from .state import EngineState, check_transition
 
@@ -298,11 +298,8 @@ class Registry:
     def _conn(self) -> sqlite3.Connection:
         conn = getattr(self._local, "conn", None)
         if conn is None:
-            old = os.umask(0o077)
-            try:
-                conn = sqlite3.connect(self.path, timeout=30.0, isolation_level=None)
-            finally:
-                os.umask(old)
+            create_mode(self.path, 0o600)  # private: the engine keys are in it
+            conn = sqlite3.connect(self.path, timeout=30.0, isolation_level=None)
             conn.execute("PRAGMA busy_timeout=30000")
             conn.execute("PRAGMA synchronous=NORMAL")
             self._local.conn = conn

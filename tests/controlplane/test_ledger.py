@@ -11,6 +11,7 @@ import stat
 import subprocess
 import sys
 import tempfile
+import threading
 from pathlib import Path
 
 import psutil
@@ -115,3 +116,36 @@ def test_stale_bookings_are_reaped_by_any_reader(tmp_path, group, capsys):
     assert admin.main(["release", str(directory), "--engine", "launching"]) == 0
     assert "released 1024 MiB on GPU-1" in capsys.readouterr().out
     assert [r["engine_id"] for r in shared.bookings()] == ["live"]
+
+
+def test_files_get_their_modes_under_any_umask_and_the_umask_is_left_alone(tmp_path, group, monkeypatch):
+    """The process's umask is shared by every thread of a server: changing it for a moment, from
+    several threads, once left it at 077 for good (and every file the server made after private)."""
+    from sage_nb.controlplane.registry import Registry
+
+    directory = tmp_path / "ledger"
+    directory.mkdir()
+    os.chown(directory, 0, __import__("grp").getgrnam(group).gr_gid)
+    os.chmod(directory, 0o2770)
+    changes, umask = [], os.umask
+    monkeypatch.setattr(os, "umask", lambda m: changes.append(m) or umask(m))
+    old = umask(0o077)  # a private umask would make the ledger unusable for the group
+    try:
+        shared = SharedLedger(directory)
+        threads = [threading.Thread(target=shared.bookings) for _ in range(8)]  # a connection each
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        umask(0)  # an open umask must not make a registry (with the engines' keys) readable to others
+        registry = Registry(tmp_path / "state" / "registry.sqlite3")
+        with registry.transaction():
+            pass
+        assert umask(0o022) == 0
+    finally:
+        umask(old)
+    assert changes == []
+    for name in ("ledger.sqlite3", "ledger.sqlite3-wal", "ledger.sqlite3-shm"):
+        assert mode(directory / name) == 0o660, name
+    for suffix in ("", "-wal", "-shm"):
+        assert mode(tmp_path / "state" / f"registry.sqlite3{suffix}") == 0o600, suffix

@@ -101,7 +101,7 @@ def engines(server) -> list[dict]:
 def test_concurrent_starts_of_two_users_never_over_book_and_each_sees_the_other(box):
     alice, bob = box["users"]
     model = make_model_dir(box["root"] / "model-4g", 4 * GIB)
-    os.chmod(model, 0o755)
+    subprocess.run(["chmod", "-R", "a+rX", str(model)], check=True)
     with user_server(box, alice, BOX, "stub", (18600, 18639), stub=True) as a, \
             user_server(box, bob, BOX, "stub", (18640, 18679), stub=True) as b:
         results: list[tuple[str, int, dict]] = []
