@@ -35,7 +35,7 @@ class ControlPlane:
         self.settings = settings or Settings(**overrides)
         shared = SharedLedger(self.settings.shared_ledger) if self.settings.shared_ledger else None
         self.registry = Registry(self.settings.db_path, shared)
-        self.inventory = GpuInventory(self.settings.fake_gpus, self.settings.use_nvml)
+        self.inventory = GpuInventory(self.settings.fake_gpus, self.settings.use_nvml, self.settings.gpus)
         self.supervisor = Supervisor(self.registry, self.settings, self.inventory, monitor)
 
     # ------------------------------------------------------------------ queries
@@ -81,10 +81,11 @@ class ControlPlane:
                     [r for r in others if r["gpu_uuid"] == v.device.uuid], pids)} for v in views]
 
     def gpu_report(self) -> dict:
-        """``{"source": "nvml"|"fake"|"none", "error": why there are none, "devices": gpus()}``."""
+        """``{"source": "nvml"|"fake"|"none", "error": why there are none, "warning": what about the
+        GPUs this server may use is doubtful, "devices": gpus()}`` (only the devices it may use)."""
         devices = self.gpus()
         return {"source": self.inventory.source, "error": None if devices else self.inventory.error,
-                "devices": devices}
+                "warning": self.inventory.warning, "devices": devices}
 
     def _views(self, txn: Txn) -> list[placement.GpuView]:
         devices = self.inventory.devices()
@@ -176,6 +177,8 @@ class ControlPlane:
             self._place(engine, req, spec, views, txn)
             engine.weights_mib = spec.weights_mib(req.dtype) if spec else 0
             engine.sleep_mode = self._sleep_mode(req)
+        elif self.inventory.hidden():  # not on CPU behind the back of whoever limited its GPUs
+            raise Conflict(f"no GPU for model {req.model!r}: {self.inventory.error}")
         elif req.gpu_ids:
             raise BadRequest(f"gpu_ids {req.gpu_ids} given but this machine has no NVIDIA GPU "
                              f"({self.inventory.error or 'none found'})")

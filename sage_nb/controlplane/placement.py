@@ -28,7 +28,8 @@ class GpuView:
         d = self.device
         return {"index": d.index, "uuid": d.uuid, "name": d.name, "total_mib": d.total_mib,
                 "used_mib": d.used_mib, "free_mib": d.free_mib, "booked_mib": self.booked_mib,
-                "available_mib": self.available_mib, "utilization": d.utilization}
+                "available_mib": self.available_mib, "utilization": d.utilization,
+                "mig": d.mig, "parent_uuid": d.parent_uuid}
 
 
 def gpu_views(devices: Iterable[GpuDevice], bookings: Iterable[tuple[str, int, str, int]],
@@ -55,6 +56,17 @@ def describe(views: list[GpuView]) -> str:
     return ", ".join(f"GPU{v.device.index} {v.available_mib} MiB" for v in views) or "no GPUs"
 
 
+MIG_TP = ("tensor parallel across MIG devices is not possible: CUDA gives a process one MIG device "
+          "only; use one MIG device (tensor_parallel_size 1) or whole GPUs")
+
+
+def _pool(views: list[GpuView], count: int, gpu_ids: list[int] | None) -> list[GpuView]:
+    """The GPUs an engine of ``count`` GPUs may use: those it names, and never MIG devices when
+    it needs more than one."""
+    pool = views if gpu_ids is None else [v for v in views if v.device.index in gpu_ids]
+    return [v for v in pool if not v.device.mig] if count > 1 else pool
+
+
 def choose_gpus(views: list[GpuView], need_mib: int, count: int,
                 gpu_ids: list[int] | None = None, what: str = "the engine") -> list[GpuView]:
     """Pick ``count`` GPUs with at least ``need_mib`` available each, tightest fit first.
@@ -63,18 +75,22 @@ def choose_gpus(views: list[GpuView], need_mib: int, count: int,
     """
     if count < 1:
         raise BadRequest("tensor_parallel_size must be at least 1")
-    candidates = views
     if gpu_ids is not None:
         by_index = {v.device.index: v for v in views}
         unknown = [i for i in gpu_ids if i not in by_index]
         if unknown:
-            raise BadRequest(f"unknown GPU id(s) {unknown}; this machine has "
+            raise BadRequest(f"unknown GPU id(s) {unknown}; this server may use "
                              f"{sorted(by_index) or 'no GPUs'}")
         if len(gpu_ids) != count:
             raise BadRequest(f"gpu_ids names {len(gpu_ids)} GPU(s) but tensor_parallel_size is {count}")
-        candidates = [by_index[i] for i in gpu_ids]
-    if len(views) < count:
-        raise NoRoom(f"{what} needs {count} GPU(s) but this machine has {len(views)}")
+        if count > 1 and any(by_index[i].device.mig for i in gpu_ids):
+            raise BadRequest(f"gpu_ids {gpu_ids} name MIG devices: {MIG_TP}")
+    candidates = _pool(views, count, gpu_ids)
+    if len(candidates) < count:
+        if count > 1 and any(v.device.mig for v in views):
+            raise BadRequest(f"{what} needs {count} GPUs but this server has {len(candidates)} whole "
+                             f"GPU(s) besides its MIG devices; {MIG_TP}")
+        raise NoRoom(f"{what} needs {count} GPU(s) but this server may use {len(views)}")
     fitting = sorted((v for v in candidates if v.available_mib >= need_mib),
                      key=lambda v: (v.available_mib, v.device.index))
     if len(fitting) < count:
@@ -85,8 +101,7 @@ def choose_gpus(views: list[GpuView], need_mib: int, count: int,
 
 def best_available(views: list[GpuView], count: int, gpu_ids: list[int] | None = None) -> int:
     """The most memory that ``count`` GPUs can each offer (for shrinking ``max_model_len``)."""
-    pool = [v for v in views if gpu_ids is None or v.device.index in gpu_ids]
-    avail = sorted((v.available_mib for v in pool), reverse=True)
+    avail = sorted((v.available_mib for v in _pool(views, count, gpu_ids)), reverse=True)
     return avail[count - 1] if len(avail) >= count else 0
 
 

@@ -27,7 +27,9 @@ class FoundServer:
     served_model_name: str
     kind: str
     api_key: str = ""
-    gpu_ids: list[int] = field(default_factory=list)
+    gpu_ids: list[int] = field(default_factory=list)  # the inventory's, from cuda_visible (adoption)
+    cuda_visible: str | None = None   # its CUDA_VISIBLE_DEVICES: indices, GPU- or MIG- UUIDs
+    cuda_order: str | None = None     # its CUDA_DEVICE_ORDER (how CUDA read indices there)
     engine_id: str | None = None      # set when sage_nb launched it
     registry: str | None = None       # the registry of the sage_nb that launched it
     tensor_parallel_size: int = 1
@@ -103,17 +105,6 @@ def parse_cmdline(cmdline: list[str]) -> dict | None:
             "tensor_parallel_size": tp, "max_model_len": max_model_len}
 
 
-def _gpu_ids(value: str | None) -> list[int]:
-    if not value:
-        return []
-    ids = []
-    for part in value.split(","):
-        part = part.strip()
-        if part.isdigit():
-            ids.append(int(part))
-    return ids
-
-
 def find_servers() -> list[FoundServer]:
     """Every vLLM OpenAI server process of the current user."""
     me = os.getuid()
@@ -133,7 +124,7 @@ def find_servers() -> list[FoundServer]:
         found.append(FoundServer(
             pid=proc.pid, create_time=info["create_time"],
             host="127.0.0.1" if host in ("0.0.0.0", "", "::", "localhost") else host,
-            gpu_ids=_gpu_ids(env.get("CUDA_VISIBLE_DEVICES")),
+            cuda_visible=env.get("CUDA_VISIBLE_DEVICES"), cuda_order=env.get("CUDA_DEVICE_ORDER"),
             engine_id=env.get(ENGINE_ID_ENV), registry=env.get(REGISTRY_ENV),
             **{**parsed, "api_key": parsed["api_key"] or env.get("VLLM_API_KEY", "")}))
     return found

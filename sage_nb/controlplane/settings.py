@@ -14,6 +14,7 @@ from pathlib import Path
 
 from . import validation
 from .errors import BadRequest
+from .visible import parse_gpus
 
 ENV_PREFIX = "SAGE_NB_"
 
@@ -30,7 +31,9 @@ def default_state_dir() -> Path:
 
 def parse_fake_gpus(value: str | list | None) -> list[dict] | None:
     """Parse a fake GPU inventory: a JSON list (or a path to a JSON file) of
-    ``{"name", "total_mib", "used_mib", "uuid"?}``. ``None``/empty means "use NVML"."""
+    ``{"name", "total_mib", "used_mib", "uuid"?, "processes"?, "mig"?}``; a GPU in MIG mode has
+    ``"mig": [{"name", "total_mib", "used_mib", "uuid"?, "processes"?}, ...]``, its MIG devices
+    (``[]``: MIG mode without devices). ``None``/empty means "use NVML"."""
     if value is None or value == "":
         return None
     raw = value
@@ -49,29 +52,36 @@ def parse_fake_gpus(value: str | list | None) -> list[dict] | None:
         raise BadRequest("fake GPU inventory must be a JSON list of devices")
     devices = []
     for i, dev in enumerate(raw):
-        if not isinstance(dev, dict):
-            raise BadRequest(f"fake GPU {i}: expected an object, got {type(dev).__name__}")
-        try:
-            total, used = int(dev["total_mib"]), int(dev.get("used_mib", 0))
-        except KeyError:
-            raise BadRequest(f"fake GPU {i}: 'total_mib' is required") from None
-        except (TypeError, ValueError):
-            raise BadRequest(f"fake GPU {i}: total_mib and used_mib must be integers") from None
-        if total <= 0 or used < 0 or used > total:
-            raise BadRequest(f"fake GPU {i}: need 0 <= used_mib ({used}) <= total_mib ({total})")
-        processes = dev.get("processes") or []
-        if not isinstance(processes, list) or not all(
-                isinstance(p, dict) and isinstance(p.get("pid"), int) and isinstance(p.get("used_mib"), int)
-                for p in processes):
-            raise BadRequest(f"fake GPU {i}: processes must be a list of {{pid, used_mib}} (integers)")
-        devices.append({
-            "name": str(dev.get("name", f"Fake GPU {i}")),
-            "total_mib": total,
-            "used_mib": used,
-            "uuid": str(dev.get("uuid", f"GPU-fake-{i}")),
-            "processes": [{"pid": p["pid"], "used_mib": p["used_mib"]} for p in processes],
-        })
+        device = _fake_device(dev, f"fake GPU {i}", f"Fake GPU {i}", f"GPU-fake-{i}")
+        slices = dev.get("mig")
+        if slices is not None:
+            if not isinstance(slices, list):
+                raise BadRequest(f"fake GPU {i}: mig must be a list of MIG devices")
+            device["mig"] = [_fake_device(s, f"fake GPU {i} MIG device {k}", f"{device['name']} MIG slice {k}",
+                                          f"MIG-fake-{i}-{k}") for k, s in enumerate(slices)]
+        devices.append(device)
     return devices
+
+
+def _fake_device(dev, where: str, name: str, uuid: str) -> dict:
+    if not isinstance(dev, dict):
+        raise BadRequest(f"{where}: expected an object, got {type(dev).__name__}")
+    try:
+        total, used = int(dev["total_mib"]), int(dev.get("used_mib", 0))
+    except KeyError:
+        raise BadRequest(f"{where}: 'total_mib' is required") from None
+    except (TypeError, ValueError):
+        raise BadRequest(f"{where}: total_mib and used_mib must be integers") from None
+    if total <= 0 or used < 0 or used > total:
+        raise BadRequest(f"{where}: need 0 <= used_mib ({used}) <= total_mib ({total})")
+    processes = dev.get("processes") or []
+    if not isinstance(processes, list) or not all(
+            isinstance(p, dict) and isinstance(p.get("pid"), int) and isinstance(p.get("used_mib"), int)
+            for p in processes):
+        raise BadRequest(f"{where}: processes must be a list of {{pid, used_mib}} (integers)")
+    return {"name": str(dev.get("name", name)), "total_mib": total, "used_mib": used,
+            "uuid": str(dev.get("uuid", uuid)),
+            "processes": [{"pid": p["pid"], "used_mib": p["used_mib"]} for p in processes]}
 
 
 def _bool(text: str) -> bool:
@@ -86,10 +96,14 @@ def _port_range(text: str) -> tuple[int, int]:
     return int(lo), int(hi)
 
 
+class GpuList(list):
+    """The type of the ``gpus`` setting: GPU indices and UUIDs (see :func:`.visible.parse_gpus`)."""
+
+
 # how a value of each declared type is read from its environment variable
 PARSE_ENV: dict[type, Callable[[str], object]] = {
     float: float, int: int, bool: _bool, str: str, Path: Path, dict: json.loads,
-    tuple: _port_range, list: parse_fake_gpus}
+    tuple: _port_range, list: parse_fake_gpus, GpuList: parse_gpus}
 
 
 UNSET = type("Unset", (), {"__repr__": lambda self: "UNSET"})()  # a setting nobody passed
@@ -123,7 +137,12 @@ class Settings:
                                  "(default: this one).", str)
     fake_gpus: list[dict] | None = setting(None, "A fake GPU inventory: a JSON list (or a path to "
                                            "one) of {name, total_mib, used_mib, uuid, processes: [{pid, used_mib}]}; "
-                                           "empty: NVML.", list)
+                                           "a GPU in MIG mode adds mig: [{name, total_mib, used_mib, uuid, "
+                                           "processes}], its MIG devices; empty: NVML.", list)
+    gpus: list[int | str] | None = setting(None, "The GPU devices this server may place engines on, within "
+                                           "those its own CUDA_VISIBLE_DEVICES gives it: indices as sage_nb "
+                                           "lists them (a GPU's NVML index) and GPU-/MIG- UUIDs, e.g. "
+                                           "[0, 'GPU-8932f937'] or '0,2'; empty: all of them.", GpuList)
     port_range: tuple[int, int] = setting((18000, 18999), "The ports leased to engines (lo, hi).")
     startup_timeout: float = setting(600.0, "Seconds an engine may take to become ready.")
     health_interval: float = setting(1.0, "Seconds between health probes of each engine.")
@@ -171,6 +190,7 @@ class Settings:
             self.fake_gpus = parse_fake_gpus(self.fake_gpus)
         elif self.fake_gpus is not None:
             self.fake_gpus = parse_fake_gpus(json.dumps(self.fake_gpus))
+        self.gpus = parse_gpus(self.gpus)
         self.keep_alive = validation.duration("keep_alive", self.keep_alive or None)
         self.shared_ledger = Path(self.shared_ledger).expanduser() if self.shared_ledger else None
         self._check()

