@@ -101,8 +101,9 @@ def stub_model(root) -> str:
 
 
 @contextmanager
-def running_server(root, port_range=(18900, 18949), stub_engines=False, extra_args=(), base=BASE):
-    """A started server; afterwards it is killed and no process of its engines is left."""
+def running_server(root, port_range=(18900, 18949), stub_engines=False, extra_args=(), base=BASE, env=None):
+    """A started server (``env``: more of its environment); afterwards it is killed and no process of
+    its engines is left."""
     from sage_nb.controlplane import ControlPlane
     from sage_nb.controlplane.process import group_members
 
@@ -111,7 +112,8 @@ def running_server(root, port_range=(18900, 18949), stub_engines=False, extra_ar
     args = list(extra_args)
     if stub_engines:
         args.append(f"--SageNBApp.engine_env={json.dumps({'PYTHONPATH': STUB_PATH})}")
-    server = Server(root, root / "state", free_port(), port_range=port_range, extra_args=args, base=base)
+    server = Server(root, root / "state", free_port(), port_range=port_range, extra_args=args, base=base,
+                    env={**os.environ, **env} if env else None)
     server.start()
     try:
         yield server

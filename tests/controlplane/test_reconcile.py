@@ -69,10 +69,11 @@ def test_corrupt_registry_is_moved_aside_and_engines_are_readopted(stub_cp, mode
 
 
 @contextmanager
-def hand_started(port: int, *args: str):
-    """A stub vLLM server started by hand, outside sage_nb (no registry, no engine id)."""
+def hand_started(port: int, *args: str, env: dict | None = None):
+    """A stub vLLM server started by hand, outside sage_nb (no registry, no engine id); ``env``: more
+    of its environment."""
     hand = subprocess.Popen([sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--host", "127.0.0.1",
-                             "--port", str(port), *args], env={**os.environ, "PYTHONPATH": STUB_PATH},
+                             "--port", str(port), *args], env={**os.environ, "PYTHONPATH": STUB_PATH, **(env or {})},
                             stdout=subprocess.DEVNULL, start_new_session=True)
     try:
         wait_for(lambda: healthy("127.0.0.1", port), timeout=10)
