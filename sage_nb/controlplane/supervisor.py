@@ -64,6 +64,8 @@ class Supervisor:
     def _spawn(self, engine: Engine) -> None:
         env = dict(os.environ)
         env.update(self.settings.engine_env)
+        if not Path(engine.model).expanduser().is_dir():  # a hub model: vLLM logs nothing while it
+            env.setdefault("HF_HUB_VERBOSITY", "debug")  # downloads; huggingface_hub then logs each file
         env[scan.ENGINE_ID_ENV] = engine.id
         env[scan.REGISTRY_ENV] = str(self.settings.db_path.resolve())
         env["VLLM_API_KEY"] = engine.api_key

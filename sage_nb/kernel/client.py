@@ -21,23 +21,29 @@ from . import integrations
 from .connection import ServerInfo, this_kernel
 from .transport import Transport, connect
 
-# (pattern in the engine log, phase shown while it loads); the last one found wins
+# (pattern in the engine log, phase shown while it loads, where \1 is the pattern's group); the last one
+# found wins. Downloads are huggingface_hub's own lines, which the engine logs for a hub model
+# (the supervisor sets HF_HUB_VERBOSITY=debug for it): vLLM logs nothing while it downloads weights.
+WEIGHT_FILE = r"[^'\n]+\.(?:safetensors|bin|pt|pth|gguf)"
 PHASES = [
     (re.compile(r"Initializing a V1 LLM engine|Initializing a V\d"), "initializing engine"),
-    (re.compile(r"Starting to load model|Loading weights|Loading safetensors"), "loading weights"),
-    (re.compile(r"Model loading took|Loading weights took|Initializing model took"), "weights loaded"),
+    (re.compile(rf"Downloading '({WEIGHT_FILE})' to"), r"downloading weights: \1"),
+    (re.compile(r"Downloading '([^'\n]+)' to"), r"downloading \1"),
+    (re.compile(r"Starting to load model|Initializing model took|Loading weights(?! took)|Loading safetensors"
+                r"|Time spent downloading weights"), "loading weights"),  # the model is built, then loaded
+    (re.compile(r"Model loading took|Loading weights took"), "weights loaded"),
     (re.compile(r"KV cache|# (CPU|GPU) blocks|profile, create kv cache"), "allocating KV cache"),
     (re.compile(r"Starting vLLM (API )?server|Application startup complete"), "starting API server"),
 ]
 
 
 def loading_phase(log: str) -> str:
-    """The latest loading phase seen in an engine's log."""
+    """The latest loading phase seen in an engine's log (at one spot, the first pattern wins)."""
     best, phase = -1, "launching"
     for pattern, name in PHASES:
         for match in pattern.finditer(log):
             if match.start() > best:
-                best, phase = match.start(), name
+                best, phase = match.start(), match.expand(name)
     return phase
 
 
@@ -121,8 +127,7 @@ class Client:
             if engine["state"] not in LOADING:
                 break
             if on_progress is not None:
-                new = ("waking" if engine["state"] == EngineState.WAKING
-                       else loading_phase(self.transport.logs(engine["id"], 400)))
+                new = self.phase(engine)
                 if new != phase:
                     phase = new
                     on_progress(engine, phase)
@@ -134,6 +139,15 @@ class Client:
         if on_progress is not None:
             on_progress(engine, "ready")
         return engine
+
+    def phase(self, engine: dict) -> str | None:
+        """What a loading engine does now: ``waking``, or its loading phase from its log
+        (``downloading weights: <file>``, ``loading weights``...); None when it is not loading."""
+        if engine["state"] == EngineState.WAKING:
+            return "waking"
+        if engine["state"] == EngineState.STARTING:
+            return loading_phase(self.transport.logs(engine["id"], 400))
+        return None
 
     # -------------------------------------------------------------- idle engines
     def sleep(self, id_or_name: str, mode: str = "auto") -> dict:

@@ -17,7 +17,7 @@ import psutil
 
 from sage_nb.controlplane.state import DORMANT, STOPPABLE, EngineState, is_routable
 
-from .client import Client, get_client
+from .client import LOADING, Client, get_client
 from .gpubar import gpu_bar_html
 from .views import holders, idle_text, uptime
 
@@ -63,12 +63,20 @@ class Dashboard(w.VBox):
     # ------------------------------------------------------------------ data
     def fetch(self) -> dict:
         """Everything the dashboard shows (blocking: called in a worker thread)."""
-        data = {"gpus": self.client.gpus(), "engines": self.client.engines(), "mode": self.client.mode}
+        engines = [{**e, "phase": self._phase(e)} if e["state"] in LOADING else e
+                   for e in self.client.engines()]  # a starting engine: what its log says it does
+        data = {"gpus": self.client.gpus(), "engines": engines, "mode": self.client.mode}
         if not data["gpus"]["devices"]:
             mem = psutil.virtual_memory()
             data["host"] = {"cpu": round(psutil.cpu_percent(interval=None)), "cores": psutil.cpu_count(),
                             "ram_used": (mem.total - mem.available) // 2**20, "ram_total": mem.total // 2**20}
         return data
+
+    def _phase(self, engine: dict) -> str | None:
+        try:
+            return self.client.phase(engine)
+        except Exception:  # gone meanwhile, log unreadable: the row shows its state alone
+            return None
 
     def refresh(self, data: dict | None = None) -> bool:
         """Update the widgets from ``data`` (fetched now if None); False when nothing changed."""
@@ -104,7 +112,7 @@ class Dashboard(w.VBox):
             color = STATE_COLORS.get(e["state"], "#000")
             health = health_of(e)
             values = [html.escape(e["name"]), html.escape(e["served_model_name"]), e["kind"],
-                      f"<span style='color:{color}'>{e['state']}</span>",
+                      f"<span style='color:{color}'>{e['state']}</span>{phase_html(e)}",
                       ",".join(map(str, e["gpu_ids"])) or "cpu", e["port"], uptime(e), idle_text(e),
                       html.escape(health), started_by_html(e)]
             cells += [w.HTML(f"<span class='sage-nb-cell'>{v}</span>") for v in values]
@@ -201,7 +209,7 @@ class Dashboard(w.VBox):
             lines.append(f"  no NVIDIA GPU ({data['gpus'].get('error') or 'none found'}): engines run on CPU")
         for e in data["engines"]:
             idle = idle_text(e)
-            lines.append(f"  {e['name']:<20} {e['kind']:<9} {e['state']:<8} port {e['port']} "
+            lines.append(f"  {e['name']:<20} {e['kind']:<9} {e['state']:<8}{phase_text(e)} port {e['port']} "
                          f"gpus {','.join(map(str, e['gpu_ids'])) or 'cpu'} {e['served_model_name']}"
                          f" ({health_of(e)}){f' idle: {idle}' if idle else ''}"
                          f"{f' started by {who}' if (who := started_by(e)) else ''}")
@@ -214,6 +222,16 @@ class Dashboard(w.VBox):
         if isinstance(bundle, dict):
             bundle["text/plain"] = repr(self)
         return bundle
+
+
+def phase_text(engine: dict) -> str:
+    """`` (downloading weights: model-00001-of-00004.safetensors)`` for a loading engine, else ""."""
+    return f" ({engine['phase']})" if engine.get("phase") and engine["phase"] != engine["state"] else ""
+
+
+def phase_html(engine: dict) -> str:
+    text = phase_text(engine)
+    return f"<br><small>{html.escape(text.strip()[1:-1])}</small>" if text else ""
 
 
 def started_by(engine: dict) -> str:

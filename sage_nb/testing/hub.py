@@ -15,8 +15,8 @@ Errors carry the hub's ``X-Error-Code`` (``RepoNotFound``, ``RevisionNotFound``,
 ``EntryNotFound``, ``GatedRepo``), so the client raises its own typed errors. A model's file is
 either its bytes or only a size: a made-up 70B model is a ``config.json`` and a list of sizes,
 whose bytes are never served. A gated model shows its metadata (as the hub does) but answers
-401 or 403 for its files. ``slow_weights`` holds back each weight file's bytes that many seconds,
-so a download is slow enough to be watched.
+401 or 403 for its files. ``Range`` requests get their bytes (206). ``slow_weights`` holds back
+each whole weight file that many seconds, so a download is slow enough to be watched.
 """
 
 from __future__ import annotations
@@ -110,8 +110,8 @@ class HubModel:
 class LocalHub:
     """``with LocalHub({"org/name": HubModel(...)}) as hub:`` — a hub on ``hub.url`` (127.0.0.1).
 
-    ``requests`` records each ``(method, path)`` it answered; ``slow_weights`` delays the bytes
-    of each LFS file that many seconds."""
+    ``requests`` records each ``(method, path)`` it answered; ``slow_weights`` delays each whole
+    LFS file (not a range of it) that many seconds."""
 
     def __init__(self, models: dict[str, HubModel] | None = None, slow_weights: float = 0.0) -> None:
         self.models = dict(models or {})
@@ -153,6 +153,7 @@ def _split_repo(parts: list[str]) -> tuple[str, list[str]]:
 def _handler(hub: LocalHub) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
+        disable_nagle_algorithm = True  # headers and body are two writes: no 40 ms delayed-ACK stall
 
         def log_message(self, *args) -> None:  # quiet: tests read hub.requests instead
             pass
@@ -174,6 +175,8 @@ def _handler(hub: LocalHub) -> type[BaseHTTPRequestHandler]:
             hub.requests.append((self.command, url.path))
             parts = [unquote(p) for p in url.path.strip("/").split("/")]
             query = parse_qs(url.query)
+            if parts == ["api", "agent-harnesses"]:  # huggingface_hub's agent detection: none known here
+                return self._json({"standardEnvVars": [], "harnesses": {}}, body)
             if parts[:2] == ["api", "models"] and len(parts) >= 4:
                 repo, rest = _split_repo(parts[2:])
                 return self._api(repo, rest, query, body)
@@ -228,6 +231,11 @@ def _handler(hub: LocalHub) -> type[BaseHTTPRequestHandler]:
             if model.is_lfs(name):
                 headers.update({"X-Linked-Etag": f'"{model.etag(name)}"', "X-Linked-Size": str(len(data)),
                                 "ETag": f'"{model.etag(name)}"'})
+            span = _byte_range(self.headers.get("Range"), len(data))
+            if span is not None:  # a header read (safetensors metadata) or a resumed download
+                start, end = span
+                headers["Content-Range"] = f"bytes {start}-{end}/{len(data)}"
+                return self._send(206, data[start:end + 1], headers, body)
             if body and model.is_lfs(name) and hub.slow_weights:
                 time.sleep(hub.slow_weights)
             self._send(200, data, headers, body)
@@ -256,6 +264,16 @@ def _handler(hub: LocalHub) -> type[BaseHTTPRequestHandler]:
 
     Handler._form = b""
     return Handler
+
+
+def _byte_range(header: str | None, size: int) -> tuple[int, int] | None:
+    """``bytes=a-b``, ``bytes=a-`` or ``bytes=-n`` as (first, last) byte; None for the whole file."""
+    if not header or not header.startswith("bytes=") or "," in header:
+        return None
+    first, _, last = header[6:].strip().partition("-")
+    if not first:
+        return max(0, size - int(last)), size - 1
+    return int(first), min(int(last), size - 1) if last else size - 1
 
 
 def _tree(model: HubModel, prefix: str, recursive: bool) -> list[dict]:

@@ -7,6 +7,7 @@ import json
 import socket
 import time
 
+import psutil
 import pytest
 
 from sage_nb.controlplane import BadRequest
@@ -74,6 +75,11 @@ def test_a_hub_model_is_placed_and_booked_as_the_same_model_on_disk(stub_cp, hub
     _, bookings = leases(cp)
     assert [(eid, index, mib) for eid, index, _uuid, mib in bookings] == [(engine["id"], 1, local["booked_mib"])]
     assert not list((tmp_path / "hf").rglob("config.json"))  # sizing writes nothing to the engines' cache
+    # a hub model's engine logs huggingface_hub's downloads (the "downloading weights" phase); a local one not
+    env = psutil.Process(cp.engine("m34")["pid"]).environ()
+    assert env["HF_HUB_VERBOSITY"] == "debug" and env["HF_ENDPOINT"] == hub.url
+    local_engine = cp.start_engine(str(make_model_dir(tmp_path / "small", GIB)), name="local", wait=False)
+    assert "HF_HUB_VERBOSITY" not in psutil.Process(local_engine["pid"]).environ()
 
 
 def test_a_hub_model_that_fits_nowhere_is_refused_with_numbers_at_once(stub_cp, hub_env, capsys):

