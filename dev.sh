@@ -32,7 +32,7 @@ case "${1:-}" in
         exec "$VENV/bin/python" -m sage_nb.lab "${@:2}"
         ;;
     test)
-        install ",test"
+        install ",test,ray"  # the Ray cluster tests run in CI too (ray stays an opt-in extra for users)
         # the dashboard is checked in a real headless Chromium (Debian's; Playwright drives it)
         if [ ! -x /usr/bin/chromium ] && command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
             (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium) >/dev/null

@@ -178,6 +178,9 @@ class Settings:
                                          "(a directory on local disk that an admin set up with "
                                          "`python -m sage_nb.admin init-shared DIR --group GROUP`); "
                                          "empty: this user's bookings only.", Path)
+    ray_address: str | None = setting(None, "A Ray cluster to place engines on, across its nodes "
+                                      "('auto', or the head's host:port; needs the ray extra); empty: "
+                                      "this machine only, and ray is never imported.", str)
     adopt_unrecorded: bool = setting(True, "Adopt vLLM servers of this user that sage_nb did not "
                                      "start (found by their command line at discovery).")
 
@@ -205,6 +208,8 @@ class Settings:
                 raise BadRequest(f"{name} must be positive, got {getattr(self, name)!r}")
         if self.work_probe_interval < 0 or self.stop_grace < 0 or self.wake_timeout < 0:
             raise BadRequest("work_probe_interval (0: off), stop_grace and wake_timeout must be >= 0")
+        if self.ray_address is not None and self.ray_address != "auto" and ":" not in self.ray_address:
+            raise BadRequest(f"ray_address must be 'auto' or the head's host:port, got {self.ray_address!r}")
         if self.sleep_residual_mib < 0:
             raise BadRequest(f"sleep_residual_mib must be >= 0, got {self.sleep_residual_mib!r}")
         for name, allowed in (("idle_action", ("auto", "sleep", "unload")), ("sleep_mode", ("auto", "on", "off"))):
