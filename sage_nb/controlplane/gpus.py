@@ -49,6 +49,7 @@ class GpuDevice:
     process_mib: dict[int, int] = field(default_factory=dict)  # pid -> MiB on this device
     gpu_index: int | None = None     # the NVML index of its GPU (a MIG device's parent's)
     parent_uuid: str | None = None   # MIG devices: their GPU's UUID
+    node: str | None = None          # the node it is on (Ray node id); None: this machine
 
     def __post_init__(self) -> None:
         if self.gpu_index is None:
@@ -139,7 +140,8 @@ class GpuInventory:
         def unit(index: int, d: dict, gpu_index: int, parent: str | None = None) -> GpuDevice:
             return GpuDevice(index=index, uuid=d["uuid"], name=d["name"], total_mib=d["total_mib"],
                              used_mib=d["used_mib"], gpu_index=gpu_index, parent_uuid=parent,
-                             process_mib={p["pid"]: p["used_mib"] for p in d.get("processes") or []})
+                             process_mib={p["pid"]: p["used_mib"] for p in d.get("processes") or []},
+                             node=self.fake[gpu_index].get("node"))  # a MIG device: its GPU's node
 
         units = [unit(i, d, i) for i, d in enumerate(self.fake) if d.get("mig") is None]
         slices = [(i, d["uuid"], s) for i, d in enumerate(self.fake) for s in d.get("mig") or []]

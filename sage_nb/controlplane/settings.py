@@ -31,9 +31,10 @@ def default_state_dir() -> Path:
 
 def parse_fake_gpus(value: str | list | None) -> list[dict] | None:
     """Parse a fake GPU inventory: a JSON list (or a path to a JSON file) of
-    ``{"name", "total_mib", "used_mib", "uuid"?, "processes"?, "mig"?}``; a GPU in MIG mode has
+    ``{"name", "total_mib", "used_mib", "uuid"?, "processes"?, "mig"?, "node"?}``; a GPU in MIG mode has
     ``"mig": [{"name", "total_mib", "used_mib", "uuid"?, "processes"?}, ...]``, its MIG devices
-    (``[]``: MIG mode without devices). ``None``/empty means "use NVML"."""
+    (``[]``: MIG mode without devices); ``"node"`` names the node the GPU is on (its MIG devices too;
+    absent: this machine). ``None``/empty means "use NVML"."""
     if value is None or value == "":
         return None
     raw = value
@@ -59,6 +60,11 @@ def parse_fake_gpus(value: str | list | None) -> list[dict] | None:
                 raise BadRequest(f"fake GPU {i}: mig must be a list of MIG devices")
             device["mig"] = [_fake_device(s, f"fake GPU {i} MIG device {k}", f"{device['name']} MIG slice {k}",
                                           f"MIG-fake-{i}-{k}") for k, s in enumerate(slices)]
+        node = dev.get("node")
+        if node is not None:
+            if not isinstance(node, str) or not node.strip():
+                raise BadRequest(f"fake GPU {i}: node must be a non-empty string (a node id)")
+            device["node"] = node
         devices.append(device)
     return devices
 
@@ -138,7 +144,8 @@ class Settings:
     fake_gpus: list[dict] | None = setting(None, "A fake GPU inventory: a JSON list (or a path to "
                                            "one) of {name, total_mib, used_mib, uuid, processes: [{pid, used_mib}]}; "
                                            "a GPU in MIG mode adds mig: [{name, total_mib, used_mib, uuid, "
-                                           "processes}], its MIG devices; empty: NVML.", list)
+                                           "processes}], its MIG devices; node: the id of the node a GPU is on "
+                                           "(a cluster; indices stay global, in list order); empty: NVML.", list)
     gpus: list[int | str] | None = setting(None, "The GPU devices this server may place engines on, within "
                                            "those its own CUDA_VISIBLE_DEVICES gives it: indices as sage_nb "
                                            "lists them (a GPU's NVML index) and GPU-/MIG- UUIDs, e.g. "
