@@ -110,7 +110,7 @@ class ControlPlane:
     # ------------------------------------------------------------------ start
     def start_engine(self, model: str, kind: str = "llm", name: str | None = None,
                      tensor_parallel_size: int = 1, gpu_ids: list[int] | None = None,
-                     port: int | None = None, max_model_len: int | None = None,
+                     node: str | None = None, port: int | None = None, max_model_len: int | None = None,
                      extra_args: list[str] | tuple[str, ...] = (), wait: bool = True,
                      dtype: str | None = None, gpu_memory_utilization: float | None = None,
                      timeout: float | None = None, keep_alive: float | str | None = None,
@@ -119,12 +119,13 @@ class ControlPlane:
         ``keep_alive``: how long it may go without a request before it gives its memory back
         (seconds or ``"10m"``; ``-1``: forever; ``None``: the server's default). ``kernel_id`` and
         ``notebook``: who starts it; ``scope="kernel"``: stopped when that kernel ends (:mod:`.scope`).
+        ``node``: run on that node of a cluster (default: the best fit over all nodes).
 
         Bad input raises :class:`BadRequest`; a port that is taken or a model that fits
         no GPU raises :class:`Conflict` with the numbers. Nothing is created then.
         """
         req = LaunchRequest(model=model, kind=kind, name=name,
-                            tensor_parallel_size=tensor_parallel_size, gpu_ids=gpu_ids, port=port,
+                            tensor_parallel_size=tensor_parallel_size, gpu_ids=gpu_ids, node=node, port=port,
                             max_model_len=max_model_len, dtype=dtype,
                             gpu_memory_utilization=gpu_memory_utilization,
                             extra_args=list(extra_args) if isinstance(extra_args, tuple) else extra_args,
@@ -179,8 +180,9 @@ class ControlPlane:
             engine.sleep_mode = self._sleep_mode(req)
         elif self.inventory.hidden():  # not on CPU behind the back of whoever limited its GPUs
             raise Conflict(f"no GPU for model {req.model!r}: {self.inventory.error}")
-        elif req.gpu_ids:
-            raise BadRequest(f"gpu_ids {req.gpu_ids} given but this machine has no NVIDIA GPU "
+        elif req.gpu_ids or req.node:
+            pin = f"gpu_ids {req.gpu_ids}" if req.gpu_ids else f"node {req.node!r}"
+            raise BadRequest(f"{pin} given but this machine has no NVIDIA GPU "
                              f"({self.inventory.error or 'none found'})")
         engine.launched_at = time.time()
         return views
@@ -223,13 +225,13 @@ class ControlPlane:
         length = req.max_model_len or spec.max_position_embeddings or 4096
         if req.gpu_memory_utilization:
             need = int(req.gpu_memory_utilization * max(v.device.total_mib for v in views))
-            chosen = placement.choose_gpus(views, need + CUDA_CONTEXT_MIB, tp, req.gpu_ids, what)
+            chosen = placement.choose_gpus(views, need + CUDA_CONTEXT_MIB, tp, req.gpu_ids, what, req.node)
         else:
             need = spec.need_mib(length, tp, req.dtype)
             try:
-                chosen = placement.choose_gpus(views, need, tp, req.gpu_ids, what)
+                chosen = placement.choose_gpus(views, need, tp, req.gpu_ids, what, req.node)
             except NoRoom as e:
-                best = placement.best_available(views, tp, req.gpu_ids)
+                best = placement.best_available(views, tp, req.gpu_ids, req.node)
                 fit = spec.max_len_fitting(best, tp, req.dtype)
                 if req.max_model_len or fit < MIN_MODEL_LEN:
                     hint = f"; the largest max_model_len that fits is {fit}" if fit >= MIN_MODEL_LEN else ""
@@ -237,10 +239,10 @@ class ControlPlane:
                 engine.note = (f"max_model_len reduced from {length} to {fit} to fit the free "
                                f"memory of the GPU(s)")
                 length, need = fit, spec.need_mib(fit, tp, req.dtype)
-                chosen = placement.choose_gpus(views, need, tp, req.gpu_ids, what)
+                chosen = placement.choose_gpus(views, need, tp, req.gpu_ids, what, req.node)
             engine.max_model_len = length
         total = min(v.device.total_mib for v in chosen)
-        engine.gpu_ids = [v.device.index for v in chosen]
+        engine.gpu_ids, engine.node = [v.device.index for v in chosen], chosen[0].device.node
         engine.device = "cuda"
         engine.booked_mib = need * tp
         engine.gpu_memory_utilization = req.gpu_memory_utilization or placement.memory_utilization(

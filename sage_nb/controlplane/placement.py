@@ -29,7 +29,7 @@ class GpuView:
         return {"index": d.index, "uuid": d.uuid, "name": d.name, "total_mib": d.total_mib,
                 "used_mib": d.used_mib, "free_mib": d.free_mib, "booked_mib": self.booked_mib,
                 "available_mib": self.available_mib, "utilization": d.utilization,
-                "mig": d.mig, "parent_uuid": d.parent_uuid}
+                "mig": d.mig, "parent_uuid": d.parent_uuid, "node": d.node}
 
 
 def gpu_views(devices: Iterable[GpuDevice], bookings: Iterable[tuple[str, int, str, int]],
@@ -56,6 +56,23 @@ def describe(views: list[GpuView]) -> str:
     return ", ".join(f"GPU{v.device.index} {v.available_mib} MiB" for v in views) or "no GPUs"
 
 
+def by_node(views: Iterable[GpuView]) -> dict[str | None, list[GpuView]]:
+    """The views grouped by node (``None``: this machine), in the order the nodes first appear."""
+    groups: dict[str | None, list[GpuView]] = {}
+    for v in views:
+        groups.setdefault(v.device.node, []).append(v)
+    return groups
+
+
+def node_name(node: str | None) -> str:
+    return "this machine" if node is None else node
+
+
+def describe_nodes(views: list[GpuView]) -> str:
+    """``node n1: GPU0 1532 MiB, GPU1 ...; node n2: ...``: the free memory per node."""
+    return "; ".join(f"node {node_name(n)}: {describe(group)}" for n, group in by_node(views).items()) or "no GPUs"
+
+
 MIG_TP = ("tensor parallel across MIG devices is not possible: CUDA gives a process one MIG device "
           "only; use one MIG device (tensor_parallel_size 1) or whole GPUs")
 
@@ -67,11 +84,36 @@ def _pool(views: list[GpuView], count: int, gpu_ids: list[int] | None) -> list[G
     return [v for v in pool if not v.device.mig] if count > 1 else pool
 
 
-def choose_gpus(views: list[GpuView], need_mib: int, count: int,
-                gpu_ids: list[int] | None = None, what: str = "the engine") -> list[GpuView]:
-    """Pick ``count`` GPUs with at least ``need_mib`` available each, tightest fit first.
+def _on_node(views: list[GpuView], node: str | None, gpu_ids: list[int] | None) -> list[GpuView]:
+    """The views of the pinned ``node`` (all without a pin); :class:`BadRequest` for a node that has
+    none of this server's GPUs, and for ``gpu_ids`` elsewhere or spanning nodes."""
+    if gpu_ids is not None:
+        nodes = {v.device.node for v in views if v.device.index in gpu_ids}
+        if node is None and len(nodes) > 1:
+            raise BadRequest(f"gpu_ids {gpu_ids} are on nodes {', '.join(sorted(map(node_name, nodes)))}: "
+                             "an engine's GPUs are all on one node")
+    if node is None:
+        return views
+    groups = by_node(views)
+    if node not in groups:
+        named = [n for n in groups if n is not None]
+        there = f"node(s) {', '.join(named)}" if named else "this machine only (no named node)"
+        raise BadRequest(f"unknown node {node!r}; this server's GPUs are on {there}")
+    if gpu_ids is not None:
+        off = [v.device.index for v in views if v.device.index in gpu_ids and v.device.node != node]
+        if off:
+            raise BadRequest(f"gpu_ids {off} are not on node {node!r}; its GPUs are "
+                             f"{[v.device.index for v in groups[node]]}")
+    return groups[node]
 
-    Raises :class:`Conflict` with the numbers (needed, free per GPU) when nothing fits.
+
+def choose_gpus(views: list[GpuView], need_mib: int, count: int, gpu_ids: list[int] | None = None,
+                what: str = "the engine", node: str | None = None) -> list[GpuView]:
+    """Pick ``count`` GPUs of one node with at least ``need_mib`` available each: on each node (the
+    pinned one only) the tightest fitting ones, and of those the node whose choice leaves the least
+    memory over (ties: the lowest indices).
+
+    Raises :class:`NoRoom` with the numbers (needed, free per GPU, per node) when nothing fits.
     """
     if count < 1:
         raise BadRequest("tensor_parallel_size must be at least 1")
@@ -85,24 +127,47 @@ def choose_gpus(views: list[GpuView], need_mib: int, count: int,
             raise BadRequest(f"gpu_ids names {len(gpu_ids)} GPU(s) but tensor_parallel_size is {count}")
         if count > 1 and any(by_index[i].device.mig for i in gpu_ids):
             raise BadRequest(f"gpu_ids {gpu_ids} name MIG devices: {MIG_TP}")
+    nodes = any(v.device.node is not None for v in views)
+    views = _on_node(views, node, gpu_ids)
     candidates = _pool(views, count, gpu_ids)
-    if len(candidates) < count:
+    groups = by_node(candidates)
+    if all(len(group) < count for group in groups.values()):
         if count > 1 and any(v.device.mig for v in views):
             raise BadRequest(f"{what} needs {count} GPUs but this server has {len(candidates)} whole "
                              f"GPU(s) besides its MIG devices; {MIG_TP}")
+        if nodes:
+            sizes = ", ".join(f"node {node_name(n)} {len(g)}" for n, g in by_node(views).items())
+            raise NoRoom(f"{what} needs {count} GPU(s) of one node but no node has that many: {sizes}")
         raise NoRoom(f"{what} needs {count} GPU(s) but this server may use {len(views)}")
-    fitting = sorted((v for v in candidates if v.available_mib >= need_mib),
-                     key=lambda v: (v.available_mib, v.device.index))
-    if len(fitting) < count:
+    best, best_key = None, None
+    for group in groups.values():
+        fitting = sorted((v for v in group if v.available_mib >= need_mib),
+                         key=lambda v: (v.available_mib, v.device.index))
+        if len(fitting) < count:
+            continue
+        pick = sorted(fitting[:count], key=lambda v: v.device.index)
+        key = (sum(v.available_mib for v in pick), [v.device.index for v in pick])
+        if best_key is None or key < best_key:
+            best, best_key = pick, key
+    if best is None:
+        if nodes:
+            raise NoRoom(f"no GPU has room for {what}: needs {need_mib} MiB on each of {count} GPU(s) "
+                         f"of one node; free: {describe_nodes(candidates)}")
         raise NoRoom(f"no GPU has room for {what}: needs {need_mib} MiB on each of {count} "
-                       f"GPU(s); free: {describe(candidates)}")
-    return sorted(fitting[:count], key=lambda v: v.device.index)
+                     f"GPU(s); free: {describe(candidates)}")
+    return best
 
 
-def best_available(views: list[GpuView], count: int, gpu_ids: list[int] | None = None) -> int:
-    """The most memory that ``count`` GPUs can each offer (for shrinking ``max_model_len``)."""
-    avail = sorted((v.available_mib for v in _pool(views, count, gpu_ids)), reverse=True)
-    return avail[count - 1] if len(avail) >= count else 0
+def best_available(views: list[GpuView], count: int, gpu_ids: list[int] | None = None,
+                   node: str | None = None) -> int:
+    """The most memory that ``count`` GPUs of one node can each offer (for shrinking ``max_model_len``)."""
+    pool = _pool([v for v in views if node is None or v.device.node == node], count, gpu_ids)
+    best = 0
+    for group in by_node(pool).values():
+        avail = sorted((v.available_mib for v in group), reverse=True)
+        if len(avail) >= count:
+            best = max(best, avail[count - 1])
+    return best
 
 
 def memory_utilization(need_mib: int, total_mib: int) -> float:

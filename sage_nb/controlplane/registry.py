@@ -68,6 +68,7 @@ class Engine:
     host: str = "127.0.0.1"
     api_key: str = ""
     gpu_ids: list[int] = field(default_factory=list)
+    node: str | None = None  # the node its GPUs are on (None: this machine)
     booked_mib: int = 0
     device: str = "cpu"
     tensor_parallel_size: int = 1

@@ -28,6 +28,7 @@ class LaunchRequest:
     name: str | None = None
     tensor_parallel_size: int = 1
     gpu_ids: list[int] | None = None
+    node: str | None = None  # the node to run on (None: whichever fits best)
     port: int | None = None
     max_model_len: int | None = None
     dtype: str | None = None
@@ -57,6 +58,7 @@ class LaunchRequest:
                 raise BadRequest(f"gpu_ids has duplicates: {self.gpu_ids}")
             if self.tensor_parallel_size == 1 and len(self.gpu_ids) > 1:
                 self.tensor_parallel_size = len(self.gpu_ids)
+        self.node = validation.node(self.node)
         if self.dtype is not None and self.dtype not in DTYPES:
             raise BadRequest(f"unknown dtype {self.dtype!r}: one of {', '.join(DTYPES)}")
         u = self.gpu_memory_utilization

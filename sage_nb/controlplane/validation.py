@@ -11,6 +11,7 @@ from .errors import BadRequest
 ENGINE_NAME = r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}"  # also the REST path part of an engine id or name
 _NAME = re.compile(ENGINE_NAME)
 _KERNEL_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}")  # Jupyter's are uuids
+_NODE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")
 MAX_PATH = 4096
 # a duration as Ollama's keep_alive takes it: "90", "45s", "10m", "1h30m", "2d"
 _DURATION = re.compile(r"(?:(\d+(?:\.\d+)?)([smhd]))+|\d+(?:\.\d+)?")
@@ -62,6 +63,14 @@ def kernel_id(value) -> str | None:
     if value is not None and not (isinstance(value, str) and _KERNEL_ID.fullmatch(value)):
         raise BadRequest(f"invalid kernel_id {value!r}: a Jupyter kernel id such as "
                          "'5f0c7e0e-3a5d-4a31-9b8e-0e4c2f1d9a77'")
+    return value
+
+
+def node(value) -> str | None:
+    """A node id as the GPU inventory names nodes (``None``: any node)."""
+    if value is not None and not (isinstance(value, str) and _NODE.fullmatch(value)):
+        raise BadRequest(f"invalid node {value!r:.80}: a node id as %llm gpus lists them (letters, digits, "
+                         "'.', '_', ':', '-')")
     return value
 
 

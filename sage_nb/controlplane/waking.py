@@ -85,7 +85,7 @@ def _relaunch(cp, engine_id: str, req: LaunchRequest, spec) -> Engine | None:
         engine = txn.get(engine_id)
         if engine.state != EngineState.UNLOADED:
             return None
-        engine.gpu_ids, engine.device, engine.booked_mib, engine.note = [], "cpu", 0, None
+        engine.gpu_ids, engine.node, engine.device, engine.booked_mib, engine.note = [], None, "cpu", 0, None
         engine.max_model_len, engine.gpu_memory_utilization = req.max_model_len, None
         try:
             views = cp._placed(txn, engine, req, spec)
