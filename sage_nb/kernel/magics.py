@@ -64,7 +64,7 @@ class LLMMagics(Magics):
 
     # ------------------------------------------------------------------ commands
     def _start(self, args, vllm_args: list[str]):
-        options = {k: getattr(args, k) for k in ("name", "tensor_parallel_size", "gpu_ids", "port",
+        options = {k: getattr(args, k) for k in ("name", "tensor_parallel_size", "gpu_ids", "node", "port",
                                                   "max_model_len", "dtype")}
         if args.keep_alive is not None:  # as typed; the control plane reads it
             options["keep_alive"] = args.keep_alive
@@ -86,6 +86,7 @@ class LLMMagics(Magics):
 
         def progress(engine: dict, phase: str) -> None:
             where = ",".join(f"GPU{g}" for g in engine["gpu_ids"]) or "CPU"
+            where += f" on {engine['node']}" if engine.get("node") else ""
             mark = "✅" if phase == "ready" else "⏳"
             handle.update(views.Note(f"{mark} **{engine['name']}** ({engine['kind']}, {where}, port "
                                      f"{engine['port']}): {phase} — {time.monotonic() - t0:.0f} s"))

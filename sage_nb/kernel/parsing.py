@@ -84,6 +84,7 @@ def line_parser() -> argparse.ArgumentParser:
     start.add_argument("--name", help="engine name (also its served model name)")
     start.add_argument("--tp", type=_positive, default=1, dest="tensor_parallel_size", help="tensor parallel GPUs")
     start.add_argument("--gpus", type=_gpu_list, dest="gpu_ids", help="GPU indices to use, e.g. 0,1")
+    start.add_argument("--node", help="the cluster node to run on, as %%llm gpus lists it (default: best fit)")
     start.add_argument("--port", type=_port, help="port to serve on (default: a free leased one)")
     start.add_argument("--max-model-len", type=_positive, help="context length (default: the model's, "
                        "shrunk to fit free GPU memory)")

@@ -88,8 +88,12 @@ def started_by(engine: dict) -> str:
 def engines_table(engines: list[dict], title: str = "sage_nb engines") -> Table:
     rows = [[e["id"], e["name"], e["kind"], e["state"], ",".join(map(str, e["gpu_ids"])) or e.get("device", "cpu"),
              e["port"], uptime(e), idle_text(e), e["served_model_name"], started_by(e)] for e in engines]
-    return Table(title, ["id", "name", "kind", "state", "gpus", "port", "uptime", "idle", "model", "started by"],
-                 rows, empty="no engines — start one with %llm start <model>")
+    columns = ["id", "name", "kind", "state", "gpus", "port", "uptime", "idle", "model", "started by"]
+    if any(e.get("node") for e in engines):  # a cluster: which node each engine runs on
+        columns.insert(4, "node")
+        for row, e in zip(rows, engines, strict=True):
+            row.insert(4, e.get("node") or "")
+    return Table(title, columns, rows, empty="no engines — start one with %llm start <model>")
 
 
 def backends_table(backends: dict, gateway_url: str | None = None) -> Table:
@@ -116,15 +120,22 @@ def holders(parts: dict | None) -> str:
 
 
 def gpus_table(report: dict) -> Table:
+    """The GPUs; on a cluster grouped by node, under a node column."""
+    devices = report["devices"]
     rows = [[d["index"], d["name"], d["total_mib"], d["used_mib"], d["booked_mib"], d["available_mib"],
              "" if d.get("utilization") is None else f"{d['utilization']}%", holders(d.get("parts"))]
-            for d in report["devices"]]
+            for d in devices]
+    columns = ["gpu", "name", "total MiB", "used MiB", "booked MiB", "available MiB", "util", "held by (MiB)"]
+    if any(d.get("node") for d in devices):
+        nodes = list(dict.fromkeys(d.get("node") for d in devices))  # in the order they first appear
+        order = sorted(range(len(devices)), key=lambda i: nodes.index(devices[i].get("node")))
+        rows = [[devices[i].get("node") or "(this machine)", *rows[i]] for i in order]
+        columns.insert(0, "node")
     empty = f"no NVIDIA GPU ({report.get('error') or 'none found'}): engines run on CPU"
     if report["source"] != "none" and report.get("error"):  # the machine has GPUs, none for this server
         empty = f"no GPU device this server may use: {report['error']}"
     warning = report.get("warning")
-    return Table(f"GPUs ({report['source']})", ["gpu", "name", "total MiB", "used MiB", "booked MiB",
-                                                 "available MiB", "util", "held by (MiB)"], rows, empty=empty,
+    return Table(f"GPUs ({report['source']})", columns, rows, empty=empty,
                  footer=f"warning: {warning}" if warning else None)
 
 
