@@ -10,7 +10,8 @@ from .common import Figure
 TITLES = {"gateway": "1. Gateway overhead (fast stub upstream)", "engines": "2. Through real engines (CPU vLLM)",
           "launch": "3. Launch overhead", "refusal": "4. Refusal of a launch that fits no GPU",
           "rediscovery": "5. Rediscovery after a server restart", "scale": "6. Control-plane scale (1,000 records)",
-          "rag": "7. RAG search and embedding throughput", "dashboard": "8. Dashboard cost"}
+          "rag": "7. RAG search and embedding throughput", "dashboard": "8. Dashboard cost",
+          "placement": "10. Placement over nodes (16 × 8 GPUs)"}
 
 
 def fmt(x: float | None, unit: str = "") -> str:

@@ -34,7 +34,7 @@ LIMIT_S = 900  # per benchmark: a hang becomes an error in the report, and its p
 BENCHMARKS = {"scale": "bench_scale", "rag": "bench_rag", "gateway": "bench_gateway",
               "dashboard": "bench_dashboard", "rediscovery": "bench_rediscovery",
               "launch": "bench_engines", "engines": "bench_engines", "refusal": "bench_refusal",
-              "serve": "bench_serve"}
+              "serve": "bench_serve", "placement": "bench_placement"}
 
 
 def main(argv: list[str] | None = None) -> int:
