@@ -14,6 +14,7 @@ import uuid
 from pathlib import Path
 
 from . import attribution, idle, placement, ports, process, validation, waking
+from .cluster import ClusterInventory
 from .errors import BadRequest, Conflict, NoRoom
 from .gpus import GpuInventory
 from .ledger import SharedLedger, reap
@@ -35,7 +36,8 @@ class ControlPlane:
         self.settings = settings or Settings(**overrides)
         shared = SharedLedger(self.settings.shared_ledger) if self.settings.shared_ledger else None
         self.registry = Registry(self.settings.db_path, shared)
-        self.inventory = GpuInventory(self.settings.fake_gpus, self.settings.use_nvml, self.settings.gpus)
+        self.inventory = (ClusterInventory(self.settings.ray_address) if self.settings.ray_address else  # ray only then
+                          GpuInventory(self.settings.fake_gpus, self.settings.use_nvml, self.settings.gpus))
         self.supervisor = Supervisor(self.registry, self.settings, self.inventory, monitor)
 
     # ------------------------------------------------------------------ queries
