@@ -124,3 +124,12 @@ def test_mig_devices_on_a_node_never_take_tensor_parallel(stub_cp, model_dir):
     assert cp.plan(model, node="n2")["gpu_ids"] == [3]
     with pytest.raises(BadRequest, match="tensor parallel across MIG"):
         cp.plan(model, node="n2", tensor_parallel_size=2)
+
+
+def test_an_unloaded_engine_wakes_on_its_pinned_node(stub_cp, model_dir):
+    cp = stub_cp(fake_gpus=CLUSTER)
+    e = cp.start_engine(str(model_dir(4, max_pos=4096)), name="pinned", node="n2")
+    assert e["node"] == "n2"
+    assert cp.sleep_engine("pinned", "unload")["state"] == "unloaded"
+    woken = cp.wake_engine("pinned", timeout=20)
+    assert woken["state"] == "ready" and woken["node"] == "n2" and woken["gpu_ids"] == [2]
