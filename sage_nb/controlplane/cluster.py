@@ -109,8 +109,9 @@ class NodeAgent:
     def reap(self, orphans: list[dict], grace: float = 5.0) -> list[int]:
         """Kill the process groups of these orphans (from :meth:`orphans`); the pids still alive."""
         left: list[int] = []
-        for pgid in sorted({o["pgid"] for o in orphans}):
-            left += process.kill_tree(pgid, None, grace)
+        leaders = {o["pgid"]: o["create_time"] for o in orphans if o["pid"] == o["pgid"]}
+        for pgid in sorted({o["pgid"] for o in orphans}):  # a leader's start time guards against pid reuse
+            left += process.kill_tree(pgid, leaders.get(pgid), grace)
         return left
 
 
@@ -154,18 +155,23 @@ class ClusterInventory:
         with self._lock:
             for gone in set(self._agents) - {n["node"] for n in nodes}:
                 del self._agents[gone]
-            handles = {n["node"]: self._agents.setdefault(n["node"], agent(n["node"])) for n in nodes}
+            for n in nodes:
+                if n["node"] not in self._agents:
+                    self._agents[n["node"]] = agent(n["node"])
+            handles = dict(self._agents)
         refs = {handles[n["node"]].gpus.remote(): n for n in nodes}
         ready, _late = ray.wait(list(refs), num_returns=len(refs), timeout=self.timeout) if refs else ([], [])
-        answers, problems = {}, []
+        answers, problems = {}, {}
         for ref in ready:
             node = refs[ref]
             try:
                 answers[node["node"]] = {**node, **ray.get(ref)}
             except Exception as e:  # the node died while answering, or its agent failed
-                problems.append(f"node {node['node'][:8]} ({node['address']}): {e}")
-        problems += [f"node {n['node'][:8]} ({n['address']}) did not answer in {self.timeout:g} s"
-                     for n in nodes if n["node"] not in answers and not any(n["node"][:8] in p for p in problems)]
+                problems[node["node"]] = f"node {node['node'][:8]} ({node['address']}): {e}"
+        for n in nodes:
+            if n["node"] not in answers and n["node"] not in problems:
+                problems[n["node"]] = f"node {n['node'][:8]} ({n['address']}) did not answer in {self.timeout:g} s"
+        problems = list(problems.values())
         self.nodes = answers
         units, index = [], 0
         for node_id in sorted(answers):
