@@ -5,6 +5,7 @@ own fake inventories (node 1: GPU0 busy; node 2: two empty GPUs), all on loopbac
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import socket
@@ -93,6 +94,9 @@ def test_cluster_inventory_lists_every_nodes_gpus(ray_cluster):
     assert (busy.used_mib, busy.gpu_index) == (59392, 0)
     assert inv.source == "fake" and inv.error is None
     assert all(inv.nodes[n]["address"] == "127.0.0.1" for n in (ray_cluster.n1, ray_cluster.n2))
+    ours = {p.pid for p in psutil.Process().children(recursive=True)}  # the cluster's processes
+    listening = {c.laddr.ip for c in psutil.net_connections("inet") if c.status == psutil.CONN_LISTEN and c.pid in ours}
+    assert listening and all(_loopback(ip) for ip in listening), listening
 
 
 def test_a_control_plane_with_a_ray_address_reads_the_cluster(ray_cluster, tmp_path):
@@ -185,6 +189,11 @@ def test_a_removed_node_leaves_the_inventory(ray_cluster):
     wait_for(lambda: [d.node for d in inv.devices()] == [ray_cluster.n2] * 2, timeout=10, interval=0.2)
     assert [d.index for d in inv.devices()] == [0, 1]
     assert time.monotonic() - start < 10
+
+
+def _loopback(ip: str) -> bool:
+    addr = ipaddress.ip_address(ip)
+    return addr.is_loopback or bool(getattr(addr, "ipv4_mapped", None) and addr.ipv4_mapped.is_loopback)
 
 
 def _health(host: str, port: int) -> bool:
