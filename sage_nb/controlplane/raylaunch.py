@@ -36,13 +36,45 @@ ENGINE_PREFIX = "sage_nb-engine-"
 # leave its EngineCore holding GPU memory. So the actor starts this waiter, which starts the engine in
 # its own session, says its pid, and waits for it (its exit status becomes the waiter's): if the actor
 # dies, only the waiter is killed and the whole engine runs on, an orphan that find_orphans reports.
+# The waiter also starts a watchdog (its own session too) that kills the engine's group when the node's
+# raylet is gone: the node left the cluster, and no one could reach (or reap) the engine any more.
 WAITER = (f"{WAITER_MARK}\nimport os, subprocess, sys\n"
-          "p = subprocess.Popen(sys.argv[2:], start_new_session=True, stdin=subprocess.DEVNULL,"
+          "p = subprocess.Popen(sys.argv[3:], start_new_session=True, stdin=subprocess.DEVNULL,"
           " stdout=int(sys.argv[1]), stderr=subprocess.STDOUT)\n"
+          "if sys.argv[2] != '0':\n"
+          "    subprocess.Popen([sys.executable, '-c', sys.argv[0] and WATCHDOG, sys.argv[2], str(p.pid)],"
+          " start_new_session=True, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)\n"
           "os.write(1, b'%d\\n' % p.pid)\n"
           "os.close(1)\n"
           "code = p.wait()\n"
           "sys.exit(code if code >= 0 else 128 - code)\n")
+WATCHDOG = ("# sage_nb engine watchdog\nimport os, signal, sys, time\n"
+            "raylet, group = int(sys.argv[1]), int(sys.argv[2])\n"
+            "def there(kill, target):\n"
+            "    try:\n"
+            "        kill(target, 0)\n"
+            "        return True\n"
+            "    except ProcessLookupError:\n"
+            "        return False\n"
+            "    except PermissionError:\n"
+            "        return True\n"
+            "def up(pid):\n"  # a zombie raylet (killed, not yet reaped) is gone too
+            "    try:\n"
+            "        with open('/proc/%d/stat' % pid) as f:\n"
+            "            return f.read().rsplit(')', 1)[1].split()[0] not in 'ZX'\n"
+            "    except OSError:\n"
+            "        return False\n"
+            "while there(os.killpg, group):\n"
+            "    if not up(raylet):\n"
+            "        for sig in (signal.SIGTERM, signal.SIGKILL):\n"
+            "            try:\n"
+            "                os.killpg(group, sig)\n"
+            "            except ProcessLookupError:\n"
+            "                break\n"
+            "            time.sleep(3)\n"
+            "        break\n"
+            "    time.sleep(0.5)\n")
+WAITER = WAITER.replace("sys.argv[0] and WATCHDOG", repr(WATCHDOG))
 
 
 def with_host(cmd: list[str], host: str) -> list[str]:
@@ -86,8 +118,9 @@ class EngineLauncher:
             path = Path(log_path)
             path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+            argv = [str(fd), os.environ.get("RAY_RAYLET_PID", "0"), *with_host(list(cmd), self.host)]
             try:
-                self.popen = subprocess.Popen([sys.executable, "-c", WAITER, str(fd), *with_host(list(cmd), self.host)],
+                self.popen = subprocess.Popen([sys.executable, "-c", WAITER, *argv],
                                               stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=fd,
                                               pass_fds=(fd,), env=full, cwd=cwd, start_new_session=True)
             finally:
