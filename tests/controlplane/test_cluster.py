@@ -12,17 +12,15 @@ import socket
 import subprocess
 import sys
 import time
-from types import SimpleNamespace
 
 import httpx
 import psutil
-import pytest
 
-from tests.conftest import BUSY_BOX, STUB_PATH, wait_for
+from tests import raycluster
+from tests.conftest import STUB_PATH, wait_for
+from tests.raycluster import NODE2
 
-NODE1 = [{**BUSY_BOX[0], "uuid": "GPU-n1-busy"}]
-NODE2 = [{**BUSY_BOX[1], "uuid": f"GPU-n2-{i}"} for i in range(2)]
-LOOPBACK = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}  # Ray binds 127.0.0.1, not the machine's address
+ray_cluster = raycluster.ray_cluster  # the module's cluster
 
 
 def test_without_ray_address_ray_is_never_imported(tmp_path):
@@ -36,35 +34,6 @@ def test_without_ray_address_ray_is_never_imported(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "SAGE_NB_RAY_ADDRESS"}
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
     assert done.returncode == 0, done.stderr
-
-
-@pytest.fixture(scope="module")
-def ray_cluster():
-    saved = {k: os.environ.get(k) for k in LOOPBACK}
-    os.environ.update(LOOPBACK)  # before ray is imported: it reads this once
-    ray = pytest.importorskip("ray")
-    from ray._private import ray_constants
-    from ray.cluster_utils import Cluster
-
-    from sage_nb.controlplane import cluster
-
-    ray_constants.ENABLE_RAY_CLUSTER = False  # in case ray was imported earlier in this process
-    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "env_vars": {cluster.FAKE_ENV: "[]"}})
-    try:
-        n1 = c.add_node(num_cpus=1, env_vars={cluster.FAKE_ENV: json.dumps(NODE1)})
-        n2 = c.add_node(num_cpus=1, env_vars={cluster.FAKE_ENV: json.dumps(NODE2)})
-        assert c.address.startswith("127.0.0.1:"), c.address  # tests use loopback addresses only
-        c.wait_for_nodes()
-        cluster.connect(c.address)
-        yield SimpleNamespace(cluster=c, address=c.address, n1=n1.node_id, n2=n2.node_id, node1=n1)
-    finally:
-        ray.shutdown()
-        c.shutdown()
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 def free_port() -> int:
