@@ -64,7 +64,7 @@ class ControlPlane:
     def logs(self, id_or_name: str, lines: int = 100) -> str:
         """The tail of that engine's own log file."""
         validation.integer("lines", lines)
-        return process.log_tail(self.registry.find(id_or_name).log_path, min(lines, 10000))
+        return self.supervisor.log_tail(self.registry.find(id_or_name), min(lines, 10000))
 
     def gpus(self) -> list[dict]:
         """Each GPU with total, used, free, booked and available MiB ([] without GPUs)."""
@@ -96,7 +96,7 @@ class ControlPlane:
         bookings = txn.bookings()
         foreign = []
         if txn.ledger is not None:  # every other user's bookings too (the stale ones reaped first)
-            reap(txn.ledger)
+            reap(txn.ledger, remote={d.uuid for d in devices if d.node} if self.supervisor.nodes else ())
             foreign = txn.foreign_bookings()
             bookings += [(r["engine_id"], r["gpu_index"], r["gpu_uuid"], r["mib"]) for r in foreign]
         pids = self._engine_pids(txn, foreign) if bookings and any(d.process_mib for d in devices) else {}

@@ -22,7 +22,7 @@ import sqlite3
 import stat
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -220,11 +220,15 @@ class SharedLedger:
         conn.execute("DELETE FROM bookings WHERE engine_id = ? AND owner_uid = ?", (engine_id, os.getuid()))
 
 
-def reap(conn: sqlite3.Connection, grace_s: float = 60.0) -> list[dict]:
+def reap(conn: sqlite3.Connection, grace_s: float = 60.0, remote: Collection[str] = ()) -> list[dict]:
     """Release the bookings whose process is gone (by pid and start time), whoever made them; a
-    booking without a pid yet is kept for ``grace_s`` (its engine is being launched)."""
+    booking without a pid yet is kept for ``grace_s`` (its engine is being launched). Bookings of the
+    ``remote`` GPU uuids (other nodes of a Ray cluster: their pids are not this machine's) are kept:
+    their engines' supervisors release them."""
     now, gone = time.time(), []
     for row in SharedLedger.rows(conn):
+        if row["gpu_uuid"] in remote:
+            continue
         if row["pid"] is None:
             stale = now - row["booked_at"] > grace_s
         else:

@@ -20,6 +20,7 @@ from pathlib import Path
 from . import idle, ports, probes, process, reconcile, scan, scope
 from .errors import Conflict, EngineFailed
 from .gpus import GpuInventory
+from .nodeprocs import NodeProcesses
 from .registry import Engine, Registry
 from .settings import Settings
 from .state import ENDED, LIVE, STOPPABLE, EngineState
@@ -29,12 +30,6 @@ LAUNCH_GRACE = 30.0  # a record without a pid this long after creation lost its 
 FAIL_GRACE = 2.0  # seconds between TERM and KILL for what is left of a failed engine
 MAX_LAUNCHES = 3  # a first launch and at most two relaunches on a fresh port
 PORT_TAKEN = re.compile(r"Address already in use|\[Errno 98\]")
-
-
-def failure(engine: Engine, reason: str) -> str:
-    """``reason`` followed by the last lines of the engine's own log."""
-    tail = process.log_tail(engine.log_path, 25).strip()
-    return f"{reason}\n--- last lines of {engine.log_path} ---\n{tail}" if tail else reason
 
 
 class Supervisor:
@@ -54,6 +49,18 @@ class Supervisor:
         self._lock = threading.Lock()
         self.idle = idle.IdleKeeper(self)
         self.scope = scope.KernelScope(self)  # who started each engine; kernel-scoped ones end with it
+        self.nodes = NodeProcesses() if settings.ray_address else None  # engines on a Ray cluster's nodes
+
+    def remote(self, engine: Engine) -> bool:  # on a Ray node, under its launcher actor (not our child)
+        return self.nodes is not None and engine.node is not None
+
+    def log_tail(self, engine: Engine, lines: int) -> str:  # a remote engine's is read on its node
+        return self.nodes.log_tail(engine, lines) if self.remote(engine) else process.log_tail(engine.log_path, lines)
+
+    def failure(self, engine: Engine, reason: str) -> str:
+        """``reason`` followed by the last lines of the engine's own log."""
+        tail = self.log_tail(engine, 25).strip()
+        return f"{reason}\n--- last lines of {engine.log_path} ---\n{tail}" if tail else reason
 
     # ------------------------------------------------------------------ launch
     def launch(self, engine: Engine) -> None:
@@ -91,12 +98,15 @@ class Supervisor:
             gpu_memory_utilization=engine.gpu_memory_utilization if real_gpu else None,
             extra_args=extra_args)
         try:
-            popen = process.launch(cmd, env, Path(engine.log_path))
-        except OSError as e:
+            if self.remote(engine):  # on its node, by its launcher actor, listening on the node's address
+                info = self.nodes.launch(engine, cmd, env)
+            else:
+                self.popens[engine.id] = popen = process.launch(cmd, env, Path(engine.log_path))
+                info = {"pid": popen.pid, "create_time": process.start_time(popen.pid), "host": engine.host}
+        except (OSError, RuntimeError) as e:
             self.fail(engine.id, f"could not launch {cmd[0]}: {e}")
             raise EngineFailed(f"engine {engine.name!r} could not be launched: {e}") from None
-        self.popens[engine.id] = popen
-        self.registry.update(engine.id, pid=popen.pid, create_time=process.start_time(popen.pid),
+        self.registry.update(engine.id, pid=info["pid"], create_time=info["create_time"], host=info["host"],
                              launch_attempts=engine.launch_attempts + 1)
 
     def _device_uuids(self, engine: Engine) -> list[str]:
@@ -144,6 +154,8 @@ class Supervisor:
 
     # ------------------------------------------------------------------ stop, fail, prune
     def _kill(self, engine: Engine, grace: float) -> list[int]:
+        if self.remote(engine):
+            return self.nodes.stop(engine, grace)
         return process.kill_tree(engine.pid, engine.create_time, grace, self.popens.pop(engine.id, None))
 
     def stop(self, id_or_name: str, note: str | None = None) -> dict:
@@ -226,6 +238,10 @@ class Supervisor:
         """One pass of readiness and health checks over every starting and ready engine (``work``:
         with work probes, as the monitor loop runs it)."""
         engines = self.registry.engines()
+        if self.nodes is not None:  # the engines of a node that left the cluster: failed, bookings released
+            for engine in self.nodes.lost([e for e in engines if self.remote(e) and e.state in STOPPABLE and e.pid]):
+                self.fail(engine.id, f"its node {engine.node} left the Ray cluster")
+            engines = self.registry.engines()
         for engine in engines:
             try:
                 if engine.state == EngineState.STARTING:
@@ -233,7 +249,7 @@ class Supervisor:
                 elif engine.state == EngineState.READY:
                     self._check_ready(engine, work)
                 elif engine.state == EngineState.SLEEPING and self._exit_code(engine)[0]:
-                    self.fail(engine.id, failure(engine, "the sleeping engine's process died"))
+                    self.fail(engine.id, self.failure(engine, "the sleeping engine's process died"))
             except LookupError:
                 continue  # pruned meanwhile
         self.work.forget({e.id for e in engines if e.state == EngineState.READY})
@@ -242,6 +258,8 @@ class Supervisor:
 
     def _exit_code(self, engine: Engine) -> tuple[bool, int | None]:
         """Whether the engine's server process is gone, and its exit code when we launched it."""
+        if self.remote(engine):
+            return self.nodes.exit_state(engine)
         popen = self.popens.get(engine.id)
         code = popen.poll() if popen is not None else None
         return code is not None or not process.is_alive(engine.pid, engine.create_time), code
@@ -255,13 +273,13 @@ class Supervisor:
             return
         gone, code = self._exit_code(engine)
         if gone:
-            tail = process.log_tail(engine.log_path, 30)
+            tail = self.log_tail(engine, 30)
             if PORT_TAKEN.search(tail) and self.relaunch_on_new_port(engine.id, "address already in use"):
                 return
             how = f"exited with code {code}" if code is not None else "exited"
-            self.fail(engine.id, failure(engine, f"the engine process {how} before it was ready"))
+            self.fail(engine.id, self.failure(engine, f"the engine process {how} before it was ready"))
         elif now - launched > self.settings.startup_timeout:
-            self.fail(engine.id, failure(engine, f"not ready within {self.settings.startup_timeout:.0f} s"))
+            self.fail(engine.id, self.failure(engine, f"not ready within {self.settings.startup_timeout:.0f} s"))
         elif probes.ready(engine.host, engine.port, engine.served_model_name, engine.api_key,
                           self.settings.probe_timeout):
             with self.registry.transaction() as txn:
@@ -272,7 +290,7 @@ class Supervisor:
     def _check_ready(self, engine: Engine, work: bool) -> None:
         """Process alive, ``/health`` answering and real requests completing (work probes)."""
         if self._exit_code(engine)[0]:
-            self.fail(engine.id, failure(engine, "the engine process died"))
+            self.fail(engine.id, self.failure(engine, "the engine process died"))
             return
         ok = probes.healthy(engine.host, engine.port, self.settings.probe_timeout)
         stuck_now, stuck = self.work.check(engine) if ok and work else (False, False)
@@ -283,7 +301,7 @@ class Supervisor:
             failures = 0
         if failures >= self.settings.health_failures:
             what = "work probes (a 1-token request) got no answer" if stuck else "health probes failed"
-            self.fail(engine.id, failure(engine, f"unhealthy: {failures} {what} in a row"))
+            self.fail(engine.id, self.failure(engine, f"unhealthy: {failures} {what} in a row"))
         elif failures != engine.health_failures:
             with self.registry.transaction() as txn:
                 if txn.get(engine.id).state == EngineState.READY:
@@ -347,18 +365,20 @@ class Supervisor:
                     self.stop(engine.id)
                 except Conflict:
                     pass
-            elif process.is_alive(engine.pid, engine.create_time):
+            elif not self._exit_code(engine)[0]:
                 report["reattached"].append(engine.id)
                 if engine.sleep_mode:
                     self.idle.rediscover(engine)
             elif (engine.pid is not None or time.time() - engine.created_at > LAUNCH_GRACE) and self.fail(
-                    engine.id, failure(engine, "the engine process is gone (found at discovery)"), expect=LIVE):
+                    engine.id, self.failure(engine, "the engine process is gone (found at discovery)"), expect=LIVE):
                 report["failed"].append(engine.id)
         for server in found.unowned:
             engine_id = self.adopt(server)
             if engine_id:
                 report["adopted"].append(engine_id)
         report["orphans"] = scan.find_orphans({e.pid for e in self.registry.engines() if e.pid})
+        if self.nodes is not None:  # engines on the nodes whose launcher is gone: reported and reaped
+            report["orphans"] += self.nodes.reap(self.nodes.orphans())
         self.check()
         return report
 

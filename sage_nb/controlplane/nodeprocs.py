@@ -1,0 +1,98 @@
+"""The engines of a Ray cluster's nodes, as the :class:`.Supervisor` sees them.
+
+With ``ray_address`` set, an engine whose record has a ``node`` runs there under its launcher actor
+(:mod:`.raylaunch`), not as a child of this process. :class:`NodeProcesses` is that one mechanism:
+launch, liveness, stop, log tail, the engines of nodes that left the cluster, and orphans. The
+Supervisor stays the one owner of the lifecycle and calls into it for those engines only.
+"""
+
+from __future__ import annotations
+
+import os
+
+from . import cluster, process, raylaunch
+from .registry import Engine
+
+CALL_TIMEOUT = 5.0  # a launcher that does not answer this fast is neither declared dead nor alive
+
+
+class NodeProcesses:
+    """Engine processes on the nodes of the Ray cluster this control plane is connected to."""
+
+    def __init__(self, timeout: float = CALL_TIMEOUT, launch_timeout: float = 60.0) -> None:
+        self.timeout = timeout
+        self.launch_timeout = launch_timeout
+
+    @staticmethod
+    def own_env(env: dict[str, str]) -> dict[str, str]:
+        """The engine's own variables: what differs from this process's environment (the node lays
+        them over its own, so this machine's environment does not travel)."""
+        return {k: v for k, v in env.items() if os.environ.get(k) != v}
+
+    def launch(self, engine: Engine, cmd: list[str], env: dict[str, str]) -> dict:
+        """Start the engine on its node: the launcher's ``{pid, create_time, host, node, ...}``;
+        ``RuntimeError`` saying why it could not."""
+        try:
+            _handle, info = raylaunch.launch(engine.id, engine.node, len(engine.gpu_ids), cmd, self.own_env(env),
+                                             engine.log_path, timeout=self.launch_timeout)
+        except Exception as e:  # Ray's errors (a dead node, a timeout) and the launcher's own
+            raise RuntimeError(f"on node {engine.node[:8]}: {type(e).__name__}: {e}") from None
+        return info
+
+    def exit_state(self, engine: Engine) -> tuple[bool, int | None]:
+        """Whether the engine's process is gone, and its exit status when its launcher knows it. A
+        launcher that is gone counts as a gone engine; one that does not answer in time, not."""
+        ray = cluster.ray_module()
+        try:
+            handle = raylaunch.attach(engine.id)
+        except ValueError:
+            return True, None
+        try:
+            alive, code = ray.get([handle.alive.remote(), handle.exit_code.remote()], timeout=self.timeout)
+        except ray.exceptions.GetTimeoutError:
+            return False, None
+        except ray.exceptions.RayError:  # the actor died (its node with it)
+            return True, None
+        return not alive, code
+
+    def stop(self, engine: Engine, grace: float) -> list[int]:
+        """Stop the engine's whole process group on its node; the pids still alive (same contract as
+        :func:`.process.kill_tree`). An engine whose launcher (or node) is gone leaves nothing to stop
+        here: its process, if any, is an orphan (:meth:`orphans`)."""
+        try:
+            return raylaunch.stop(engine.id, grace)
+        except ValueError:
+            return []
+        except Exception as e:
+            ray = cluster.ray_module()
+            if isinstance(e, ray.exceptions.RayActorError):  # the launcher died meanwhile
+                return []
+            raise
+
+    def log_tail(self, engine: Engine, lines: int) -> str:
+        """The tail of the engine's log, read on its node (the local file when the launcher is gone)."""
+        ray = cluster.ray_module()
+        try:
+            return ray.get(raylaunch.attach(engine.id).log_tail.remote(lines), timeout=self.timeout)
+        except (ValueError, ray.exceptions.RayError):
+            return process.log_tail(engine.log_path, lines)
+
+    @staticmethod
+    def lost(engines: list[Engine]) -> list[Engine]:
+        """Of these engines (with a node), those whose node is no longer alive in the cluster."""
+        if not engines:
+            return []
+        alive = {n["node"] for n in cluster.alive_nodes()}
+        return [e for e in engines if e.node not in alive]
+
+    @staticmethod
+    def orphans() -> list[dict]:
+        """Engine processes on the nodes whose launcher is gone (see :func:`.raylaunch.find_orphans`)."""
+        return raylaunch.find_orphans()
+
+    @staticmethod
+    def reap(orphans: list[dict]) -> list[dict]:
+        """Kill these orphans' process groups on their nodes; the orphans, each with ``"left"``: the
+        pids still alive after."""
+        left = raylaunch.reap_orphans(orphans) if orphans else []
+        return [{**o, "left": left} for o in orphans]

@@ -1,0 +1,92 @@
+"""Engines on the nodes of a Ray cluster (issue 15), driven by a ControlPlane with ``ray_address``: the
+Supervisor launches, watches, stops and rediscovers them through their launcher actors. Stub engines;
+one loopback Cluster for the module (``tests/raycluster.py``); the node removal comes last."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import httpx
+import psutil
+import pytest
+
+from sage_nb.controlplane.errors import NoRoom
+from tests import raycluster
+from tests.conftest import GIB, STUB_PATH, make_model_dir, wait_for
+from tests.raycluster import NODE1
+
+ray_cluster = raycluster.ray_cluster  # the module's cluster
+
+
+def gone(pid: int) -> bool:
+    return not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+
+
+def control_plane(address: str, state_dir):
+    from sage_nb.controlplane import ControlPlane
+
+    return ControlPlane(state_dir=state_dir, ray_address=address, engine_env={"PYTHONPATH": STUB_PATH},
+                        health_interval=0.2, stop_grace=3.0, port_range=(18600, 18699), adopt_unrecorded=False)
+
+
+def bookings(cp, engine_id: str) -> list:
+    with cp.registry.snapshot() as txn:
+        return [b for b in txn.bookings() if b[0] == engine_id] + [e for e, p in txn.leases().items()
+                                                                  if p == engine_id]
+
+
+@pytest.fixture(scope="module")
+def shared(tmp_path_factory):
+    return tmp_path_factory.mktemp("cluster_engines")
+
+
+def test_engines_are_placed_launched_stopped_and_rediscovered_on_their_nodes(ray_cluster, shared):
+    state = shared / "state"
+    small = make_model_dir(shared / "small", GIB)
+    cp = control_plane(ray_cluster.address, state)
+    try:
+        one = cp.start_engine(str(small), name="one", timeout=60)
+        # best fit: node 1's busy GPU has just the room a small model needs
+        uuid = next(d.uuid for d in cp.inventory.devices() if d.index == one["gpu_ids"][0])
+        assert (one["node"], uuid, one["host"]) == (ray_cluster.n1, "GPU-n1-busy", "127.0.0.1")
+        env = psutil.Process(one["pid"]).environ()
+        assert env["SAGE_NB_RAY_NODE"] == ray_cluster.n1 and env["CUDA_VISIBLE_DEVICES"] == "GPU-n1-busy"
+        assert env["SAGE_NB_FAKE_GPUS"] == json.dumps(NODE1)  # it runs under node 1's raylet
+        chat = httpx.post(f"http://{one['host']}:{one['port']}/v1/chat/completions", timeout=10,
+                          headers={"Authorization": f"Bearer {cp.api_key(one['id'])}"},
+                          json={"model": "one", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4})
+        assert chat.status_code == 200, chat.text
+        assert isinstance(cp.logs(one["id"]), str)
+
+        two = cp.start_engine(str(small), name="two", tensor_parallel_size=2, timeout=60)
+        assert two["node"] == ray_cluster.n2 and len(two["gpu_ids"]) == 2
+        with pytest.raises(NoRoom) as refused:
+            cp.start_engine(str(make_model_dir(shared / "huge", 200 * GIB)), name="huge", timeout=60)
+        message = refused.value.message  # the free memory of every node
+        assert f"node {ray_cluster.n1}" in message and f"node {ray_cluster.n2}" in message, message
+    finally:
+        cp.close()
+
+    # a new control plane on the same state (a restarted server) finds both again, same ids
+    cp = control_plane(ray_cluster.address, state)
+    try:
+        report = cp.discover()
+        assert sorted(report["reattached"]) == sorted([one["id"], two["id"]]) and not report["failed"], report
+        cp.check_engines()
+        assert cp.engine(one["id"])["state"] == "ready" and cp.engine(two["id"])["state"] == "ready"
+
+        stopped = cp.stop_engine(one["id"])
+        assert stopped["state"] == "stopped" and gone(one["pid"]) and bookings(cp, one["id"]) == []
+
+        # node 2 leaves the cluster: its engine fails within about 10 s, booking released, nothing left
+        start = time.monotonic()
+        ray_cluster.cluster.remove_node(ray_cluster.node2)
+        failed = wait_for(lambda: cp.engine(two["id"])["state"] == "failed" and cp.engine(two["id"]), timeout=15)
+        assert time.monotonic() - start < 12, time.monotonic() - start
+        assert "left the Ray cluster" in failed["error"]
+        assert bookings(cp, two["id"]) == []
+        wait_for(lambda: gone(two["pid"]), timeout=10)
+    finally:
+        cp.stop_all()
+        cp.close()
