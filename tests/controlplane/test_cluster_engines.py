@@ -79,6 +79,20 @@ def test_engines_are_placed_launched_stopped_and_rediscovered_on_their_nodes(ray
         stopped = cp.stop_engine(one["id"])
         assert stopped["state"] == "stopped" and gone(one["pid"]) and bookings(cp, one["id"]) == []
 
+        # an engine whose launcher actor died runs on: failed, then reported and reaped by discovery
+        import ray
+
+        from sage_nb.controlplane import raylaunch
+
+        three = cp.start_engine(str(small), name="three", timeout=60)
+        ray.kill(raylaunch.attach(three["id"]), no_restart=True)
+        assert raylaunch.wait_gone(three["id"])
+        report = cp.discover()
+        assert cp.engine(three["id"])["state"] == "failed"  # by the monitor or by discovery, whichever came first
+        assert [o["pid"] for o in report["orphans"]] == [three["pid"]], report
+        wait_for(lambda: gone(three["pid"]), timeout=10)
+        assert bookings(cp, three["id"]) == []
+
         # node 2 leaves the cluster: its engine fails within about 10 s, booking released, nothing left
         start = time.monotonic()
         ray_cluster.cluster.remove_node(ray_cluster.node2)
