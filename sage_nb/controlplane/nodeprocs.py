@@ -47,6 +47,8 @@ class NodeProcesses:
             handle = raylaunch.attach(engine.id)
         except ValueError:
             return True, None
+        except Exception:  # the cluster does not answer: nothing to conclude this pass
+            return False, None
         try:
             alive, code = ray.get([handle.alive.remote(), handle.exit_code.remote()], timeout=self.timeout)
         except ray.exceptions.GetTimeoutError:
@@ -57,17 +59,25 @@ class NodeProcesses:
 
     def stop(self, engine: Engine, grace: float) -> list[int]:
         """Stop the engine's whole process group on its node; the pids still alive (same contract as
-        :func:`.process.kill_tree`). An engine whose launcher (or node) is gone leaves nothing to stop
-        here: its process, if any, is an orphan (:meth:`orphans`)."""
+        :func:`.process.kill_tree`). When its launcher is gone, the engine may run on as an orphan: it
+        is found and reaped on its node by the node's agent (on a node that left the cluster the
+        launcher's raylet watchdog ended it)."""
+        ray = cluster.ray_module()
+        try:
+            raylaunch.attach(engine.id)
+        except ValueError:
+            return self._reap(engine, grace)
         try:
             return raylaunch.stop(engine.id, grace)
-        except ValueError:
+        except ray.exceptions.RayActorError:  # the launcher died meanwhile
+            return self._reap(engine, grace)
+
+    @staticmethod
+    def _reap(engine: Engine, grace: float) -> list[int]:
+        if engine.node not in {n["node"] for n in cluster.alive_nodes()}:
             return []
-        except Exception as e:
-            ray = cluster.ray_module()
-            if isinstance(e, ray.exceptions.RayActorError):  # the launcher died meanwhile
-                return []
-            raise
+        found = [o for o in raylaunch.find_orphans([{"node": engine.node}]) if o["engine_id"] == engine.id]
+        return raylaunch.reap_orphans(found, grace) if found else []
 
     def log_tail(self, engine: Engine, lines: int) -> str:
         """The tail of the engine's log, read on its node (the local file when the launcher is gone)."""
@@ -82,7 +92,10 @@ class NodeProcesses:
         """Of these engines (with a node), those whose node is no longer alive in the cluster."""
         if not engines:
             return []
-        alive = {n["node"] for n in cluster.alive_nodes()}
+        try:
+            alive = {n["node"] for n in cluster.alive_nodes()}
+        except Exception:  # the cluster does not answer: no node is known to have left
+            return []
         return [e for e in engines if e.node not in alive]
 
     @staticmethod

@@ -5,6 +5,7 @@ one loopback Cluster for the module (``tests/raycluster.py``); the node removal 
 from __future__ import annotations
 
 import json
+import sys
 import time
 
 import httpx
@@ -79,7 +80,8 @@ def test_engines_are_placed_launched_stopped_and_rediscovered_on_their_nodes(ray
         stopped = cp.stop_engine(one["id"])
         assert stopped["state"] == "stopped" and gone(one["pid"]) and bookings(cp, one["id"]) == []
 
-        # an engine whose launcher actor died runs on: failed, then reported and reaped by discovery
+        # an engine whose launcher actor died: failed, and what runs on of it is reaped on its node
+        # before its booking is released (by the monitor or by discovery, whichever comes first)
         import ray
 
         from sage_nb.controlplane import raylaunch
@@ -87,11 +89,20 @@ def test_engines_are_placed_launched_stopped_and_rediscovered_on_their_nodes(ray
         three = cp.start_engine(str(small), name="three", timeout=60)
         ray.kill(raylaunch.attach(three["id"]), no_restart=True)
         assert raylaunch.wait_gone(three["id"])
+        cp.discover()
+        assert cp.engine(three["id"])["state"] == "failed"
+        assert gone(three["pid"]) and bookings(cp, three["id"]) == []
+        assert raylaunch.find_orphans() == []
+
+        # an engine process no record knows whose launcher is gone: reported by discovery and reaped
+        api = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", "m", "--port", "18698"]
+        handle, stray = raylaunch.launch("stray", ray_cluster.n1, 0, api, {"PYTHONPATH": STUB_PATH},
+                                         str(shared / "stray.log"))
+        ray.kill(handle, no_restart=True)
+        assert raylaunch.wait_gone("stray")
         report = cp.discover()
-        assert cp.engine(three["id"])["state"] == "failed"  # by the monitor or by discovery, whichever came first
-        assert [o["pid"] for o in report["orphans"]] == [three["pid"]], report
-        wait_for(lambda: gone(three["pid"]), timeout=10)
-        assert bookings(cp, three["id"]) == []
+        assert [(o["pid"], o["engine_id"]) for o in report["orphans"] if "node" in o] == [(stray["pid"], None)]
+        wait_for(lambda: gone(stray["pid"]), timeout=10)
 
         # node 2 leaves the cluster: its engine fails within about 10 s, booking released, nothing left
         start = time.monotonic()
