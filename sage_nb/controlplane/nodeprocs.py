@@ -57,6 +57,15 @@ class NodeProcesses:
             return True, None
         return not alive, code
 
+    def info(self, engine: Engine) -> dict | None:
+        """The launcher's ``{pid, create_time, host, ...}`` once it started the engine (else None)."""
+        ray = cluster.ray_module()
+        try:
+            info = ray.get(raylaunch.attach(engine.id).info.remote(), timeout=self.timeout)
+        except (ValueError, ray.exceptions.RayError):
+            return None
+        return info if info["pid"] is not None else None
+
     def stop(self, engine: Engine, grace: float) -> list[int]:
         """Stop the engine's whole process group on its node; the pids still alive (same contract as
         :func:`.process.kill_tree`). When its launcher is gone, the engine may run on as an orphan: it

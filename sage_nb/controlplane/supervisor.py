@@ -154,9 +154,8 @@ class Supervisor:
 
     # ------------------------------------------------------------------ stop, fail, prune
     def _kill(self, engine: Engine, grace: float) -> list[int]:
-        if self.remote(engine):
-            return self.nodes.stop(engine, grace)
-        return process.kill_tree(engine.pid, engine.create_time, grace, self.popens.pop(engine.id, None))
+        return self.nodes.stop(engine, grace) if self.remote(engine) else process.kill_tree(
+            engine.pid, engine.create_time, grace, self.popens.pop(engine.id, None))
 
     def stop(self, id_or_name: str, note: str | None = None) -> dict:
         """Kill the engine's whole process group (TERM, then KILL), verify it is gone, then release
@@ -238,10 +237,10 @@ class Supervisor:
         """One pass of readiness and health checks over every starting and ready engine (``work``:
         with work probes, as the monitor loop runs it)."""
         engines = self.registry.engines()
-        if self.nodes is not None:  # the engines of a node that left the cluster: failed, bookings released
-            for engine in self.nodes.lost([e for e in engines if self.remote(e) and e.state in STOPPABLE and e.pid]):
-                self.fail(engine.id, f"its node {engine.node} left the Ray cluster")
-            engines = self.registry.engines()
+        lost = self.nodes.lost([e for e in engines if self.remote(e) and e.state in STOPPABLE]) if self.nodes else []
+        for engine in lost:  # the engines of a node that left the cluster: failed, bookings released
+            self.fail(engine.id, f"its node {engine.node} left the Ray cluster")
+        engines = self.registry.engines() if lost else engines
         for engine in engines:
             try:
                 if engine.state == EngineState.STARTING:
@@ -345,9 +344,8 @@ class Supervisor:
 
     # ------------------------------------------------------------------ reconcile
     def reconcile(self) -> dict:
-        """Re-attach recorded engines, adopt unrecorded vLLM servers of this user, mark the dead
-        ones failed, finish interrupted stops. Returns ``{"reattached", "adopted", "failed",
-        "orphans"}``."""
+        """Re-attach recorded engines, adopt unrecorded vLLM servers of this user, mark the dead ones failed,
+        finish interrupted stops. Returns ``{"reattached", "adopted", "failed", "orphans"}``."""
         report: dict[str, list] = {"reattached": [], "adopted": [], "failed": [], "orphans": []}
         mine = str(self.settings.db_path.resolve())
         found = reconcile.match(self.registry.engines(), scan.find_servers(), mine,
@@ -358,7 +356,10 @@ class Supervisor:
             if engine.state not in LIVE:
                 continue
             server = found.running.get(engine.id)
-            if engine.pid is None and server is not None:  # launcher died before recording the pid
+            info = self.nodes.info(engine) if engine.pid is None and self.remote(engine) else None
+            if info:  # on a node: its launcher started it, this process died before recording it
+                engine = self.registry.update(engine.id, **{k: info[k] for k in ("pid", "create_time", "host")})
+            elif engine.pid is None and server is not None:  # launcher died before recording the pid
                 engine = self.registry.update(engine.id, pid=server.pid, create_time=server.create_time)
             if engine.state == EngineState.STOPPING:  # its stopper died: finish the stop
                 try:

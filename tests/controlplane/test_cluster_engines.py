@@ -72,8 +72,11 @@ def test_engines_are_placed_launched_stopped_and_rediscovered_on_their_nodes(ray
     # a new control plane on the same state (a restarted server) finds both again, same ids
     cp = control_plane(ray_cluster.address, state)
     try:
+        # as if the server had died between the launch and its record: no pid, the host not yet the node's
+        cp.registry.update(two["id"], pid=None, create_time=None, host="127.0.0.2")
         report = cp.discover()
         assert sorted(report["reattached"]) == sorted([one["id"], two["id"]]) and not report["failed"], report
+        assert (cp.engine(two["id"])["pid"], cp.engine(two["id"])["host"]) == (two["pid"], "127.0.0.1")
         cp.check_engines()
         assert cp.engine(one["id"])["state"] == "ready" and cp.engine(two["id"])["state"] == "ready"
 
