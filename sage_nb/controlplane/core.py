@@ -84,10 +84,15 @@ class ControlPlane:
 
     def gpu_report(self) -> dict:
         """``{"source": "nvml"|"fake"|"none", "error": why there are none, "warning": what about the
-        GPUs this server may use is doubtful, "devices": gpus()}`` (only the devices it may use)."""
+        GPUs this server may use is doubtful, "devices": gpus()}`` (only the devices it may use); on a
+        Ray cluster also ``"nodes"``: each node id's ``{"address", "hostname"}``."""
         devices = self.gpus()
-        return {"source": self.inventory.source, "error": None if devices else self.inventory.error,
-                "warning": self.inventory.warning, "devices": devices}
+        report = {"source": self.inventory.source, "error": None if devices else self.inventory.error,
+                  "warning": self.inventory.warning, "devices": devices}
+        if nodes := getattr(self.inventory, "nodes", None):
+            report["nodes"] = {k: {"address": n.get("address"), "hostname": n.get("hostname")}
+                               for k, n in nodes.items()}
+        return report
 
     def _views(self, txn: Txn) -> list[placement.GpuView]:
         devices = self.inventory.devices()

@@ -18,7 +18,7 @@ import psutil
 from sage_nb.controlplane.state import DORMANT, STOPPABLE, EngineState, is_routable
 
 from .client import LOADING, Client, get_client
-from .gpubar import gpu_bar_html
+from .gpubar import by_node, gpu_bar_html, gpu_rows_html, node_label  # noqa: F401 (gpu_bar_html re-exported)
 from .views import holders, idle_text, uptime
 
 STATE_COLORS = {EngineState.READY: "#2e7d32", EngineState.STARTING: "#f9a825", EngineState.STOPPING: "#6d4c41",
@@ -96,7 +96,7 @@ class Dashboard(w.VBox):
 
     def _show_gpus(self, report: dict, host: dict | None) -> None:
         if report["devices"]:
-            rows = [gpu_bar_html({**g, "source": report["source"]}) for g in report["devices"]]
+            rows = gpu_rows_html(report)
         else:
             rows = [cpu_html(report.get("error") or "none found", host or {})]
         self.gpu_box.children = [w.HTML(r) for r in rows]
@@ -201,10 +201,11 @@ class Dashboard(w.VBox):
     def __repr__(self) -> str:
         data = self.snapshot or {"gpus": {"devices": [], "source": "none"}, "engines": [], "mode": "?"}
         lines = [f"sage_nb dashboard ({data['mode']} mode)"]
-        for g in data["gpus"]["devices"]:
-            lines.append(f"  GPU{g['index']} {g['name']}: used {g['used_mib']} / booked {g['booked_mib']} / "
-                         f"free {g['free_mib']} of {g['total_mib']} MiB"
-                         f"{f'; held by (MiB): {held}' if (held := holders(g.get('parts'))) else ''}")
+        cluster = any(g.get("node") for g in data["gpus"]["devices"])
+        for node, group in by_node(data["gpus"]["devices"]):  # on a cluster under a line per node
+            if cluster:
+                lines.append(f"  {node_label(node, data['gpus'].get('nodes'))}:")
+            lines += [gpu_line(g, "    " if cluster else "  ") for g in group]
         if not data["gpus"]["devices"]:
             lines.append(f"  no NVIDIA GPU ({data['gpus'].get('error') or 'none found'}): engines run on CPU")
         for e in data["engines"]:
@@ -222,6 +223,13 @@ class Dashboard(w.VBox):
         if isinstance(bundle, dict):
             bundle["text/plain"] = repr(self)
         return bundle
+
+
+def gpu_line(g: dict, indent: str) -> str:
+    """One GPU's line of the dashboard's text."""
+    return (f"{indent}GPU{g['index']} {g['name']}: used {g['used_mib']} / booked {g['booked_mib']} / "
+            f"free {g['free_mib']} of {g['total_mib']} MiB"
+            f"{f'; held by (MiB): {held}' if (held := holders(g.get('parts'))) else ''}")
 
 
 def phase_text(engine: dict) -> str:

@@ -5,7 +5,8 @@ engine of this user (shades of blue, by name), per engine of another sage_nb use
 orange, "user: engine"), per other process NVML lists (shades of purple, "user: command"), then
 what nothing accounts for (grey) and free (light green); what an engine has booked but does not
 use yet is hatched in that engine's colour. Without ``parts`` (an older server) the bar has the
-three parts it always had: used by others, booked by sage_nb, free. Every name is HTML-escaped.
+three parts it always had: used by others, booked by sage_nb, free. On a Ray cluster the bars are
+grouped under a heading per node (``gpu_rows_html``). Every name is HTML-escaped.
 """
 
 from __future__ import annotations
@@ -24,6 +25,37 @@ GROUPS = {"mine": "your engines", "others": "other sage_nb users", "process": "o
 def hatch(color: str) -> str:
     """The background of a booked-but-not-yet-used part: stripes of ``color`` on white."""
     return f"repeating-linear-gradient(135deg,{color} 0 3px,#ffffff 3px 6px)"
+
+
+def node_label(node: str | None, nodes: dict | None = None) -> str:
+    """A node's short name: its id's first 8 hex digits and, when known, its address."""
+    if not node:
+        return "this machine"
+    address = ((nodes or {}).get(node) or {}).get("address")
+    return f"node {node[:8]}" + (f" ({address})" if address else "")
+
+
+def by_node(devices: list[dict]) -> list[tuple[str | None, list[dict]]]:
+    """The devices grouped by their ``node``, nodes in the order they first appear; one group
+    with node None when no device has a node (one machine)."""
+    groups: dict[str | None, list[dict]] = {}
+    for d in devices:
+        groups.setdefault(d.get("node"), []).append(d)
+    return list(groups.items())
+
+
+def gpu_rows_html(report: dict) -> list[str]:
+    """The GPU report's bars; on a cluster (any device has a node) each node's bars under a heading."""
+    devices = [{**g, "source": report["source"]} for g in report["devices"]]
+    if not any(d.get("node") for d in devices):
+        return [gpu_bar_html(d) for d in devices]
+    rows = []
+    for node, group in by_node(devices):
+        rows.append(f"<div class='sage-nb-node' data-node='{_e(node or '')}' style='font-weight:bold;"
+                    f"margin:6px 0 2px 0'>{_e(node_label(node, report.get('nodes')))} — "
+                    f"{len(group)} GPU{'s' if len(group) != 1 else ''}</div>")
+        rows += [gpu_bar_html(d) for d in group]
+    return rows
 
 
 def gpu_bar_html(gpu: dict) -> str:

@@ -275,3 +275,26 @@ def test_a_starting_engine_shows_its_loading_phase(state_dir, monkeypatch, model
         assert cl.phase(cl.engine(engine["id"])) == "downloading weights: model-00002-of-00004.safetensors"
     finally:
         shutdown(cl)
+
+
+def test_gpus_grouped_by_node_on_a_cluster(client):
+    """On a Ray cluster (devices carry ``node``) each node's bars come under a heading with its short
+    id and address, in the text too; on one machine no heading shows and the bars are as before."""
+    board = Dashboard(client=client, autostart=False)
+    local = board.snapshot
+    bars, text = html_of(board.gpu_box), repr(board)
+    assert "sage-nb-node" not in bars and "node " not in text and "\n  GPU0 " in text
+    assert bars == "".join(gpu_bar_html({**g, "source": local["gpus"]["source"]}) for g in local["gpus"]["devices"])
+    g0, g1 = local["gpus"]["devices"]
+    n1, n2 = "a1b2c3d4" + "0" * 48, "ffee0011" + "1" * 48
+    gpus = {**local["gpus"], "devices": [{**g0, "node": n1}, {**g1, "node": n2}, {**g1, "index": 2, "node": n2}],
+            "nodes": {n1: {"address": "127.0.0.1", "hostname": "h"}, n2: {"address": "10.0.0.2", "hostname": "h"}}}
+    assert board.refresh({**local, "gpus": gpus}) is True
+    bars = html_of(board.gpu_box)
+    assert bars.count("sage-nb-node") == 2 and bars.count("sage-nb-gpu") == 3
+    heading1 = bars.index("node a1b2c3d4 (127.0.0.1) — 1 GPU<")
+    heading2 = bars.index("node ffee0011 (10.0.0.2) — 2 GPUs")
+    assert heading1 < bars.index("<b>GPU0</b>") < heading2 < bars.index("<b>GPU1</b>") < bars.index("<b>GPU2</b>")
+    text = repr(board)
+    assert "  node a1b2c3d4 (127.0.0.1):\n    GPU0 " in text and "  node ffee0011 (10.0.0.2):\n    GPU1 " in text
+    assert "\n    GPU2 " in text
