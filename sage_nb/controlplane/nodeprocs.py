@@ -12,7 +12,9 @@ import os
 
 from . import cluster, process, raylaunch
 from .registry import Engine
+from .state import EngineState
 
+WATCHED = (EngineState.STARTING, EngineState.READY, EngineState.SLEEPING)  # whose process a pass checks
 CALL_TIMEOUT = 5.0  # a launcher that does not answer this fast is neither declared dead nor alive
 
 
@@ -22,6 +24,7 @@ class NodeProcesses:
     def __init__(self, timeout: float = CALL_TIMEOUT, launch_timeout: float = 60.0) -> None:
         self.timeout = timeout
         self.launch_timeout = launch_timeout
+        self._answers: dict[tuple[str, int], tuple[bool, int | None]] = {}  # this pass's, by (id, pid)
 
     @staticmethod
     def own_env(env: dict[str, str]) -> dict[str, str]:
@@ -39,23 +42,48 @@ class NodeProcesses:
             raise RuntimeError(f"on node {engine.node[:8]}: {type(e).__name__}: {e}") from None
         return info
 
+    def survey(self, engines: list[Engine]) -> list[Engine]:
+        """At the start of a monitor pass, of these engines (with a node): those whose node left the
+        cluster (:meth:`lost`); the launchers of the others' processes are asked all at once (one
+        wait, one timeout), and :meth:`exit_state` uses each answer once."""
+        lost = self.lost(engines)
+        watched = [e for e in engines if e not in lost and e.pid is not None and e.state in WATCHED]
+        self._answers = self.exit_states(watched) if watched else {}
+        return lost
+
     def exit_state(self, engine: Engine) -> tuple[bool, int | None]:
         """Whether the engine's process is gone, and its exit status when its launcher knows it. A
         launcher that is gone counts as a gone engine; one that does not answer in time, not."""
+        answer = self._answers.pop((engine.id, engine.pid), None)
+        return answer if answer is not None else self.exit_states([engine])[(engine.id, engine.pid)]
+
+    def exit_states(self, engines: list[Engine]) -> dict[tuple[str, int], tuple[bool, int | None]]:
+        """:meth:`exit_state` of each engine, keyed by ``(id, pid)``, their launchers asked in parallel."""
         ray = cluster.ray_module()
-        try:
-            handle = raylaunch.attach(engine.id)
-        except ValueError:
-            return True, None
-        except Exception:  # the cluster does not answer: nothing to conclude this pass
-            return False, None
-        try:
-            alive, code = ray.get([handle.alive.remote(), handle.exit_code.remote()], timeout=self.timeout)
-        except ray.exceptions.GetTimeoutError:
-            return False, None
-        except ray.exceptions.RayError:  # the actor died (its node with it)
-            return True, None
-        return not alive, code
+        answers, asked = {}, {}
+        for engine in engines:
+            key = (engine.id, engine.pid)
+            try:
+                handle = raylaunch.attach(engine.id)
+            except ValueError:
+                answers[key] = True, None
+                continue
+            except Exception:  # the cluster does not answer: nothing to conclude this pass
+                answers[key] = False, None
+                continue
+            asked[key] = [handle.alive.remote(), handle.exit_code.remote()]
+        refs = [r for pair in asked.values() for r in pair]
+        done, _ = ray.wait(refs, num_returns=len(refs), timeout=self.timeout) if refs else ([], [])
+        done = set(done)
+        for key, (alive, code) in asked.items():
+            if alive not in done or code not in done:
+                answers[key] = False, None  # no answer in time
+                continue
+            try:
+                answers[key] = not ray.get(alive), ray.get(code)
+            except ray.exceptions.RayError:  # the actor died (its node with it)
+                answers[key] = True, None
+        return answers
 
     def info(self, engine: Engine) -> dict | None:
         """The launcher's ``{pid, create_time, host, ...}`` once it started the engine (else None)."""
@@ -77,9 +105,12 @@ class NodeProcesses:
         except ValueError:
             return self._reap(engine, grace)
         try:
-            return raylaunch.stop(engine.id, grace)
+            left = raylaunch.stop(engine.id, grace)
         except ray.exceptions.RayActorError:  # the launcher died meanwhile
             return self._reap(engine, grace)
+        if not left:  # its name free again: a relaunch (a wake) must not find the dying launcher
+            raylaunch.wait_gone(engine.id, self.timeout)
+        return left
 
     @staticmethod
     def _reap(engine: Engine, grace: float) -> list[int]:

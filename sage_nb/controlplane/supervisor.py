@@ -237,7 +237,7 @@ class Supervisor:
         """One pass of readiness and health checks over every starting and ready engine (``work``:
         with work probes, as the monitor loop runs it)."""
         engines = self.registry.engines()
-        lost = self.nodes.lost([e for e in engines if self.remote(e) and e.state in STOPPABLE]) if self.nodes else []
+        lost = self.nodes.survey([e for e in engines if self.remote(e) and e.state in STOPPABLE]) if self.nodes else []
         for engine in lost:  # the engines of a node that left the cluster: failed, bookings released
             self.fail(engine.id, f"its node {engine.node} left the Ray cluster")
         engines = self.registry.engines() if lost else engines

@@ -24,11 +24,18 @@ def gone(pid: int) -> bool:
     return not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
 
 
-def control_plane(address: str, state_dir):
+def control_plane(address: str, state_dir, port_range=(18600, 18699)):
     from sage_nb.controlplane import ControlPlane
 
     return ControlPlane(state_dir=state_dir, ray_address=address, engine_env={"PYTHONPATH": STUB_PATH},
-                        health_interval=0.2, stop_grace=3.0, port_range=(18600, 18699), adopt_unrecorded=False)
+                        health_interval=0.2, stop_grace=3.0, port_range=port_range, adopt_unrecorded=False)
+
+
+def chat(cp, engine: dict) -> httpx.Response:
+    return httpx.post(f"http://{engine['host']}:{engine['port']}/v1/chat/completions", timeout=10,
+                      headers={"Authorization": f"Bearer {cp.api_key(engine['id'])}"},
+                      json={"model": engine["name"], "messages": [{"role": "user", "content": "hi"}],
+                            "max_tokens": 4})
 
 
 def bookings(cp, engine_id: str) -> list:
@@ -40,6 +47,39 @@ def bookings(cp, engine_id: str) -> list:
 @pytest.fixture(scope="module")
 def shared(tmp_path_factory):
     return tmp_path_factory.mktemp("cluster_engines")
+
+
+def test_idle_engines_on_nodes_are_unloaded_and_woken_again(ray_cluster, shared):
+    """Idle engines on a node: unloaded after their keep-alive (process gone on the node, booking
+    released, record kept), woken by the one placement path, and unloaded on demand."""
+    from sage_nb.controlplane import raylaunch
+
+    small = make_model_dir(shared / "idle-model", GIB)
+    cp = control_plane(ray_cluster.address, shared / "idle-state", port_range=(18500, 18599))
+    try:
+        idle = cp.start_engine(str(small), name="idle", keep_alive=2, timeout=60)
+        assert idle["node"] in (ray_cluster.n1, ray_cluster.n2)
+        # the record goes unloaded first; its pid is cleared once the process is gone from the node
+        unloaded = wait_for(lambda: (e := cp.engine(idle["id"]))["state"] == "unloaded" and e["pid"] is None and e,
+                            timeout=15)
+        assert gone(idle["pid"]) and bookings(cp, idle["id"]) == []
+        assert unloaded["name"] == "idle" and idle["id"] not in raylaunch.list_launchers()
+        cp.registry.update(idle["id"], keep_alive=None)  # awake from now on, for the checks below
+
+        woken = cp.wake_engine(idle["id"], timeout=60)  # the gateway's path
+        assert woken["state"] == "ready" and woken["node"] in (ray_cluster.n1, ray_cluster.n2)
+        assert woken["pid"] != idle["pid"]
+        assert psutil.Process(woken["pid"]).environ()["SAGE_NB_RAY_NODE"] == woken["node"]
+        assert bookings(cp, idle["id"]) and chat(cp, woken).status_code == 200
+
+        put = cp.sleep_engine(idle["id"], mode="unload")
+        assert put["state"] == "unloaded" and gone(woken["pid"]) and bookings(cp, idle["id"]) == []
+        again = cp.wake_engine(idle["id"], timeout=60)
+        assert again["state"] == "ready" and chat(cp, again).status_code == 200
+    finally:
+        cp.stop_all()
+        cp.close()
+    assert raylaunch.find_orphans() == []
 
 
 def test_engines_are_placed_launched_stopped_and_rediscovered_on_their_nodes(ray_cluster, shared):
@@ -54,10 +94,8 @@ def test_engines_are_placed_launched_stopped_and_rediscovered_on_their_nodes(ray
         env = psutil.Process(one["pid"]).environ()
         assert env["SAGE_NB_RAY_NODE"] == ray_cluster.n1 and env["CUDA_VISIBLE_DEVICES"] == "GPU-n1-busy"
         assert env["SAGE_NB_FAKE_GPUS"] == json.dumps(NODE1)  # it runs under node 1's raylet
-        chat = httpx.post(f"http://{one['host']}:{one['port']}/v1/chat/completions", timeout=10,
-                          headers={"Authorization": f"Bearer {cp.api_key(one['id'])}"},
-                          json={"model": "one", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4})
-        assert chat.status_code == 200, chat.text
+        answer = chat(cp, one)
+        assert answer.status_code == 200, answer.text
         assert isinstance(cp.logs(one["id"]), str)
 
         two = cp.start_engine(str(small), name="two", tensor_parallel_size=2, timeout=60)
