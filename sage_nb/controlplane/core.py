@@ -77,7 +77,7 @@ class ControlPlane:
             mine = [{"engine_id": eid, "uuid": uuid, "mib": mib, "name": names.get(eid, eid)}
                     for eid, _index, uuid, mib in txn.bookings()]
             others = txn.foreign_bookings()
-            pids = self._engine_pids(txn, others)
+            pids = self._engine_pids(txn, others, self._cluster_uuids(views))
         return [{**v.to_model(), "parts": attribution.parts(
                     v, [m for m in mine if m["uuid"] == v.device.uuid],
                     [r for r in others if r["gpu_uuid"] == v.device.uuid], pids)} for v in views]
@@ -101,17 +101,28 @@ class ControlPlane:
         bookings = txn.bookings()
         foreign = []
         if txn.ledger is not None:  # every other user's bookings too (the stale ones reaped first)
-            reap(txn.ledger, remote={d.uuid for d in devices if d.node} if self.supervisor.nodes else ())
+            reap(txn.ledger, remote=self._cluster_uuids(devices) or ())
             foreign = txn.foreign_bookings()
             bookings += [(r["engine_id"], r["gpu_index"], r["gpu_uuid"], r["mib"]) for r in foreign]
-        pids = self._engine_pids(txn, foreign) if bookings and any(d.process_mib for d in devices) else {}
+        pids = self._engine_pids(txn, foreign, self._cluster_uuids(devices)) \
+            if bookings and any(d.process_mib for d in devices) else {}
         return placement.gpu_views(devices, bookings, pids)
 
+    def _cluster_uuids(self, devices: list) -> set[str] | None:
+        """The uuids of the Ray cluster's GPUs (of devices or views), whose pids are not this
+        machine's; ``None`` without a cluster."""
+        if not self.supervisor.nodes:
+            return None
+        return {d.uuid for d in (getattr(d, "device", d) for d in devices) if d.node}
+
     @staticmethod
-    def _engine_pids(txn: Txn, foreign: list[dict]) -> dict[str, set[int]]:
-        """Each engine's processes (this registry's and the ledger's others), to match NVML's list."""
-        engines = {e.id: (e.pid, e.create_time) for e in txn.engines()}
-        engines.update({r["engine_id"]: (r["pid"], r["start_time"]) for r in foreign})
+    def _engine_pids(txn: Txn, foreign: list[dict], remote: set[str] | None = None) -> dict[str, set[int]]:
+        """Each engine's processes (this registry's and the ledger's others), to match NVML's list.
+        With a Ray cluster (``remote``: its GPUs' uuids), the engines on its nodes and the others'
+        bookings of its GPUs are left out: their pids are not this machine's."""
+        engines = {e.id: (e.pid, e.create_time) for e in txn.engines() if remote is None or not e.node}
+        engines.update({r["engine_id"]: (r["pid"], r["start_time"]) for r in foreign
+                        if remote is None or r["gpu_uuid"] not in remote})
         return {eid: process.tree_pids(pid, start) for eid, (pid, start) in engines.items() if pid}
 
     # ------------------------------------------------------------------ start

@@ -133,3 +133,22 @@ def test_an_unloaded_engine_wakes_on_its_pinned_node(stub_cp, model_dir):
     assert cp.sleep_engine("pinned", "unload")["state"] == "unloaded"
     woken = cp.wake_engine("pinned", timeout=20)
     assert woken["state"] == "ready" and woken["node"] == "n2" and woken["gpu_ids"] == [2]
+
+
+def test_engine_pids_for_nvml_leave_out_engines_on_cluster_nodes():
+    """NVML's per-process memory is matched to engines by local pids: with a Ray cluster, engines on
+    its nodes (and other users' bookings of its GPUs) are left out, a pid there is not this machine's."""
+    from types import SimpleNamespace
+
+    import psutil
+
+    from sage_nb.controlplane import ControlPlane
+
+    me = psutil.Process()
+    here = SimpleNamespace(id="here", pid=me.pid, create_time=me.create_time(), node=None)
+    there = SimpleNamespace(id="there", pid=me.pid, create_time=me.create_time(), node="n2")  # same pid number
+    txn = SimpleNamespace(engines=lambda: [here, there])
+    foreign = [{"engine_id": "theirs-here", "pid": me.pid, "start_time": me.create_time(), "gpu_uuid": "GPU-0"},
+               {"engine_id": "theirs-there", "pid": me.pid, "start_time": me.create_time(), "gpu_uuid": "GPU-n2"}]
+    assert sorted(ControlPlane._engine_pids(txn, foreign, {"GPU-n2"})) == ["here", "theirs-here"]
+    assert sorted(ControlPlane._engine_pids(txn, foreign)) == ["here", "theirs-here", "theirs-there", "there"]
