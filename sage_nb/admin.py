@@ -3,7 +3,9 @@
 - ``init-shared DIR --group GROUP``: create the machine-wide GPU ledger: DIR owned by root and GROUP,
   mode 2770 (setgid, so every file made there gets GROUP), the database 0660 in WAL mode; then check.
 - ``check DIR``: say what stops the group's users from sharing the ledger, or that nothing does.
-- ``release DIR [--engine ID] [--user NAME] [--stale]``: remove bookings (any user's).
+- ``release DIR [--engine ID] [--user NAME] [--stale]``: remove bookings (any user's). ``--stale``
+  judges only the bookings of this machine's GPUs by their pids; those of GPUs it does not have (the
+  other nodes of a Ray cluster, where those pids live) are kept, and said so.
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ import sys
 from pathlib import Path
 
 from sage_nb.controlplane import ledger
+from sage_nb.controlplane.gpus import GpuInventory
+from sage_nb.controlplane.settings import ENV_PREFIX, parse_fake_gpus
 
 
 def init_shared(directory: Path, group: str) -> list[str]:
@@ -65,12 +69,24 @@ def main(argv: list[str] | None = None) -> int:
     return 1 if problems else 0
 
 
+def this_machines_gpus() -> set[str]:
+    """The uuids of this machine's GPUs (NVML, or the fake inventory in ``$SAGE_NB_FAKE_GPUS``; a fake
+    GPU with a ``node`` is another node's)."""
+    inventory = GpuInventory(parse_fake_gpus(os.environ.get(ENV_PREFIX + "FAKE_GPUS")))
+    return {d.uuid for d in inventory.all_devices() if not d.node}
+
+
 def release(args) -> int:
     if not (args.engine or args.user or args.stale):
         raise SystemExit("sage_nb admin: say which: --engine ID, --user NAME or --stale")
     shared = ledger.SharedLedger(args.directory)
+    kept: list[dict] = []
     with shared.transaction() as conn:
-        removed = ledger.reap(conn) if args.stale else []
+        removed = []
+        if args.stale:  # as a server's reaper does: pids on other machines are not judged here
+            local = this_machines_gpus()
+            kept = [r for r in shared.rows(conn) if r["gpu_uuid"] not in local]
+            removed = ledger.reap(conn, remote={r["gpu_uuid"] for r in kept})
         for column, value in (("engine_id", args.engine), ("owner", args.user)):
             if value:
                 removed += [r for r in shared.rows(conn) if r[column] == value]
@@ -78,6 +94,11 @@ def release(args) -> int:
     for row in removed:
         print(f"released {row['mib']} MiB on {row['gpu_uuid']}: {row['owner']}'s engine {row['engine_name']} "
               f"({row['engine_id']})")
+    if kept:
+        gpus = ", ".join(sorted({r["gpu_uuid"] for r in kept}))
+        print(f"kept {len(kept)} booking(s) of GPUs this machine does not have ({gpus}): their processes run "
+              "elsewhere (another node of a Ray cluster), where their owners' servers release them; "
+              "release them with --engine or --user")
     return 0
 
 

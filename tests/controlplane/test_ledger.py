@@ -118,6 +118,27 @@ def test_stale_bookings_are_reaped_by_any_reader(tmp_path, group, capsys):
     assert [r["engine_id"] for r in shared.bookings()] == ["live"]
 
 
+def test_admin_release_stale_judges_only_this_machines_gpus(tmp_path, group, capsys, monkeypatch):
+    """``release --stale`` keeps the bookings of GPUs this machine does not have (a Ray cluster's
+    other nodes: their pids are not this machine's), as a server's reaper does, and says so."""
+    monkeypatch.setenv("SAGE_NB_FAKE_GPUS", '[{"total_mib": 81920, "uuid": "GPU-here"}, '
+                       '{"total_mib": 81920, "uuid": "GPU-there", "node": "n2"}]')
+    directory = tmp_path / "ledger"
+    admin.init_shared(directory, group)
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone_start = psutil.Process(gone.pid).create_time()
+    gone.wait()
+    with SharedLedger(directory).transaction() as conn:
+        for engine_id, uuid in (("dead-here", "GPU-here"), ("on-node", "GPU-there"), ("on-other-box", "GPU-x")):
+            SharedLedger.book(conn, engine_id=engine_id, engine_name=engine_id, gpu_uuid=uuid, gpu_index=0,
+                              mib=1024, pid=gone.pid, start_time=gone_start)
+    assert admin.main(["release", str(directory), "--stale"]) == 0
+    out = capsys.readouterr().out
+    assert "released 1024 MiB on GPU-here" in out and "kept 2 booking(s)" in out and "GPU-x" in out, out
+    with SharedLedger(directory).transaction() as conn:
+        assert sorted(r["engine_id"] for r in SharedLedger.rows(conn)) == ["on-node", "on-other-box"]
+
+
 def test_files_get_their_modes_under_any_umask_and_the_umask_is_left_alone(tmp_path, group, monkeypatch):
     """The process's umask is shared by every thread of a server: changing it for a moment, from
     several threads, once left it at 077 for good (and every file the server made after private)."""
