@@ -133,6 +133,7 @@ def test_concurrent_starts_of_two_users_never_over_book_and_each_sees_the_other(
             if not any(w == who for w, _ in started):
                 victim = next(body for w, body in started if w != who)
                 assert other.request("DELETE", f"sage_nb/api/engines/{victim['id']}")[0] == 200
+                assert other.request("POST", "sage_nb/api/engines/prune", {})[0] == 200  # its record too
                 code, body = server.request("POST", "sage_nb/api/engines",
                                             {"model": str(model), "name": "late", "max_model_len": 1024})
                 assert code == 202, body
