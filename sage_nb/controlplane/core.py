@@ -315,9 +315,14 @@ class ControlPlane:
         :meth:`Supervisor.stop_all`."""
         return self.supervisor.stop_all(prune)
 
-    def prune(self) -> list[str]:
-        """Remove stopped and failed records, killing and releasing whatever they still hold."""
-        return self.supervisor.prune()
+    def prune(self, kernel_id: str | None = None, notebook: str | None = None) -> list[str]:
+        """Remove stopped and failed records, killing and releasing whatever they still hold. With
+        ``kernel_id`` or ``notebook``, only the records that kernel or that notebook started."""
+        kernel_id, notebook = validation.kernel_id(kernel_id), validation.notebook_path(notebook)
+        if kernel_id is None and notebook is None:
+            return self.supervisor.prune()
+        return self.supervisor.prune({e.id for e in self.registry.engines() if (kernel_id and e.kernel_id == kernel_id)
+                                      or (notebook and e.notebook == notebook)})
 
     def fail(self, engine_id: str, error: str, expect=STOPPABLE) -> bool:
         """Mark an engine ``failed`` (what is left of it killed, what it held released)."""

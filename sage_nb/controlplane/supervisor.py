@@ -213,11 +213,11 @@ class Supervisor:
             txn.update(engine_id, state=EngineState.FAILED, error=error)
         return True
 
-    def prune(self) -> list[str]:
-        """Remove stopped and failed records, killing and releasing whatever they still hold."""
+    def prune(self, ids: set[str] | None = None) -> list[str]:
+        """Remove stopped and failed records (``ids``: only those), killing and releasing what they still hold."""
         removed = []
         for engine in self.registry.engines():
-            if engine.state not in ENDED:
+            if engine.state not in ENDED or (ids is not None and engine.id not in ids):
                 continue
             if self._kill(engine, self.settings.stop_grace):
                 continue  # still running: keep the record so nothing is lost

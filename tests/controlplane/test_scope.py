@@ -112,3 +112,24 @@ def test_a_servers_kernel_judged_by_id_and_restart(stub_cp, model_dir, fake_kern
     assert server.engine("local")["state"] == "stopped"
     assert server.engine("local")["note"] == "stopped: its kernel k2 restarted"
     assert leases(server) == ({}, [])
+
+
+def test_prune_by_kernel_or_notebook_removes_only_what_they_started(stub_cp, model_dir):
+    """``prune(kernel_id=..., notebook=...)`` removes the ended records that kernel or that notebook
+    started (another kernel of the same notebook too), nothing of other notebooks, and never a live
+    engine; ``prune()`` still removes every ended record."""
+    cp = stub_cp(monitor=False)
+    other = "0c1d2e3f-0000-4000-8000-000000000001"
+    started = {name: cp.start_engine(str(model_dir(1)), name=name, kernel_id=kid, notebook=nb)["id"]
+               for name, kid, nb in (("mine", KID, "work/nb.ipynb"), ("restarted", other, "work/nb.ipynb"),
+                                     ("theirs", other, "work/other.ipynb"), ("rest", None, None),
+                                     ("running", KID, "work/nb.ipynb"))}
+    for name in ("mine", "restarted", "theirs", "rest"):
+        cp.stop_engine(name)
+    with pytest.raises(BadRequest, match="invalid kernel_id"):
+        cp.prune(kernel_id="../x")
+    assert sorted(cp.prune(kernel_id=KID, notebook="work/nb.ipynb")) == sorted([started["mine"], started["restarted"]])
+    assert {e["name"] for e in cp.engines()} == {"theirs", "rest", "running"}
+    assert cp.prune(kernel_id=KID) == [] and cp.prune(notebook="work/nb.ipynb") == []
+    assert cp.prune(kernel_id=other) == [started["theirs"]]
+    assert cp.prune() == [started["rest"]] and [e["name"] for e in cp.engines()] == ["running"]
