@@ -111,9 +111,15 @@ def line_parser() -> argparse.ArgumentParser:
         elif name == "keep-alive":
             p.add_argument("value", type=_keep_alive, help=DURATIONS)
     for name, text in (("engines", "list engines"), ("backends", "ready backends by kind"),
-                       ("gpus", "GPU memory: used, booked, free"), ("prune", "remove stopped/failed engines"),
-                       ("dashboard", "live dashboard widget"), ("doctor", "check the setup and say what to fix")):
+                       ("gpus", "GPU memory: used, booked, free"), ("dashboard", "live dashboard widget"),
+                       ("doctor", "check the setup and say what to fix")):
         sub.add_parser(name, help=text, description=text)
+    prune = sub.add_parser("prune", help="remove this notebook's stopped/failed engines (--all: everyone's)",
+                           description="Remove the stopped and failed engine records this notebook started (from "
+                           "this kernel or an earlier kernel of it), freeing what they still hold; the records of "
+                           "other notebooks are kept (their users may need the error) and listed.")
+    prune.add_argument("--all", action="store_true", help="remove every stopped and failed engine, whoever "
+                       "started it")
     return parser
 
 

@@ -31,7 +31,7 @@ class Transport(Protocol):
     def backends(self) -> dict: ...
     def gpus(self) -> dict: ...
     def logs(self, id_or_name: str, lines: int) -> str: ...
-    def prune(self) -> list[str]: ...
+    def prune(self, kernel_id: str | None = None, notebook: str | None = None) -> list[str]: ...
     def stop(self, id_or_name: str) -> dict: ...
     def start(self, req: LaunchRequest) -> dict: ...
     def sleep(self, id_or_name: str, mode: str) -> dict: ...
@@ -78,8 +78,9 @@ class RestTransport:
         path = f"sage_nb/api/engines/{_path_part(id_or_name)}/logs?lines={quote(str(lines))}"
         return self._call("GET", path)["log"]
 
-    def prune(self) -> list[str]:
-        return self._call("POST", "sage_nb/api/engines/prune")["removed"]
+    def prune(self, kernel_id: str | None = None, notebook: str | None = None) -> list[str]:
+        body = {k: v for k, v in (("kernel_id", kernel_id), ("notebook", notebook)) if v is not None}
+        return self._call("POST", "sage_nb/api/engines/prune", body or None)["removed"]
 
     def stop(self, id_or_name: str) -> dict:
         return self._call("DELETE", f"sage_nb/api/engines/{_path_part(id_or_name)}")
@@ -133,8 +134,8 @@ class EmbeddedTransport:
     def logs(self, id_or_name: str, lines: int) -> str:
         return self.control_plane.logs(id_or_name, lines)
 
-    def prune(self) -> list[str]:
-        return self.control_plane.prune()
+    def prune(self, kernel_id: str | None = None, notebook: str | None = None) -> list[str]:
+        return self.control_plane.prune(kernel_id, notebook)
 
     def stop(self, id_or_name: str) -> dict:
         return self.control_plane.stop_engine(id_or_name)

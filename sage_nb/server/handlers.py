@@ -169,10 +169,17 @@ class LogsHandler(SageHandler):
 
 
 class PruneHandler(SageHandler):
+    """``POST .../prune``: remove every stopped and failed record; with ``{"kernel_id": ..., "notebook":
+    ...}`` (either or both), only those that kernel or that notebook started."""
+
     @web.authenticated
     @authorized
     async def post(self) -> None:
-        self.reply({"removed": await self.call(self.cp.prune)})
+        body = self.json_body()
+        unknown = sorted(set(body) - {"kernel_id", "notebook"})
+        if unknown:
+            raise ApiError(400, f"unknown field(s): {', '.join(unknown)}; prune takes kernel_id and notebook")
+        self.reply({"removed": await self.call(self.cp.prune, body.get("kernel_id"), body.get("notebook"))})
 
 
 class BackendsHandler(SageHandler):

@@ -59,3 +59,26 @@ async def test_kernel_scope_over_rest(jp_fetch, model_dir, fake_gpus, state_dir)
     assert await booked(jp_fetch) == 0
     with ControlPlane(state_dir=state_dir, monitor=False).registry.snapshot() as txn:
         assert txn.leases() == {} and txn.bookings() == []  # port leases and bookings both released
+
+
+async def test_prune_over_rest_by_kernel_or_notebook(jp_fetch, model_dir):
+    """``POST .../prune`` prunes every ended record; with ``{"kernel_id"}`` or ``{"notebook"}`` only
+    those that kernel or notebook started; another field is a 400 that prunes nothing."""
+    kid, other = "5f0c7e0e-0000-4000-8000-000000000001", "5f0c7e0e-0000-4000-8000-000000000002"
+    ids = {}
+    for name, kernel_id, notebook in (("mine", kid, "work/a.ipynb"), ("theirs", other, "work/b.ipynb"),
+                                      ("rest", None, None)):
+        body = {"model": str(model_dir(1)), "name": name, "kernel_id": kernel_id, "notebook": notebook}
+        code, e = await call(jp_fetch, "api", "engines", method="POST", body={k: v for k, v in body.items() if v})
+        assert code == 202
+        ids[name] = (await wait_state(jp_fetch, e["id"]))["id"]
+        await call(jp_fetch, "api", "engines", name, method="DELETE")
+    code, message = await error(jp_fetch, "api", "engines", "prune", method="POST", body={"kernel": kid})
+    assert code == 400 and "unknown field(s): kernel" in message
+    code, message = await error(jp_fetch, "api", "engines", "prune", method="POST", body={"kernel_id": "a b"})
+    assert code == 400 and "invalid kernel_id" in message
+    assert await call(jp_fetch, "api", "engines", "prune", method="POST", body={"kernel_id": kid}) == \
+        (200, {"removed": [ids["mine"]]})
+    assert await call(jp_fetch, "api", "engines", "prune", method="POST", body={"notebook": "work/b.ipynb"}) == \
+        (200, {"removed": [ids["theirs"]]})
+    assert await call(jp_fetch, "api", "engines", "prune", method="POST") == (200, {"removed": [ids["rest"]]})
