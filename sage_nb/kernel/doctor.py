@@ -41,11 +41,7 @@ def checks(client: Client) -> list[list[str]]:
         gpus = client.gpus()
     except Exception as e:  # report, don't crash the doctor
         gpus = {"source": "none", "error": str(e), "devices": []}
-    if gpus["devices"]:
-        rows.append(["GPUs", "OK", f"{len(gpus['devices'])} GPU(s) via {gpus['source']}", ""])
-    else:
-        rows.append(["GPUs", "OK", f"no NVIDIA GPU ({gpus.get('error') or 'none'}): engines run on CPU",
-                     "install NVIDIA drivers and the gpu extra for GPU engines"])
+    rows.append(gpu_check(gpus))
     try:
         engines = client.engines()
     except Exception as e:
@@ -64,6 +60,18 @@ def checks(client: Client) -> list[list[str]]:
             rows.append([name, "WARN", f"ready but not routed to: {e.get('health_failures')} failed "
                                        "probe(s) in a row", f"%llm logs {e['name']}"])
     return rows
+
+
+def gpu_check(gpus: dict) -> list[str]:
+    """OK with GPUs, and on a machine without any (engines run on CPU: nothing to fix); WARN where the
+    machine has GPUs that this server may not use or cannot read."""
+    if gpus["devices"]:
+        return ["GPUs", "OK", f"{len(gpus['devices'])} GPU(s) via {gpus['source']}", ""]
+    if gpus["source"] != "none" and gpus.get("error"):
+        return ["GPUs", "WARN", f"no GPU this server may use: {gpus['error']}",
+                "check the server's CUDA_VISIBLE_DEVICES and its gpus setting (%llm gpus), and nvidia-smi"]
+    return ["GPUs", "OK", f"no NVIDIA GPU ({gpus.get('error') or 'none found'}): engines run on CPU; "
+            "nothing to fix", ""]
 
 
 def registry_check(db_path: str) -> list[str]:

@@ -10,9 +10,11 @@ from IPython.display import display
 from traitlets import Unicode
 
 from sage_nb.controlplane import ControlPlaneError
+from sage_nb.controlplane.state import ENDED
 
 from . import doctor, views
 from .client import Client, get_client, set_client
+from .connection import this_kernel
 from .parsing import parse_cell, parse_line
 
 
@@ -21,6 +23,29 @@ class SageNBError(Exception):
 
     def _render_traceback_(self) -> list[str]:
         return [f"sage_nb: {self}"]
+
+
+class Progress:
+    """One display line that follows a start or a wake: ``⏳ phase``, ``✅ ready``, or ``❌ failed``
+    (call :meth:`failed`); ``progress(engine, phase)`` is the client's ``on_progress``."""
+
+    def __init__(self, what: str, name: str) -> None:
+        self.name, self.t0 = name, time.monotonic()
+        self.handle = display(views.Note(f"⏳ {what} …"), display_id=True)
+
+    def __call__(self, engine: dict, phase: str) -> None:
+        self.name = engine["name"]
+        where = ",".join(f"GPU{g}" for g in engine["gpu_ids"]) or "CPU"
+        where += f" on {engine['node']}" if engine.get("node") else ""
+        mark = "✅" if phase == "ready" else "⏳"
+        self._show(f"{mark} **{self.name}** ({engine['kind']}, {where}, port {engine['port']}): {phase}")
+
+    def failed(self) -> None:
+        self._show(f"❌ **{self.name}** failed")
+
+    def _show(self, text: str) -> None:
+        if self.handle is not None:  # None outside IPython's display machinery
+            self.handle.update(views.Note(f"{text} — {time.monotonic() - self.t0:.0f} s"))
 
 
 @magics_class
@@ -58,7 +83,7 @@ class LLMMagics(Magics):
                 return self._start(args, parsed.vllm_args)
             return getattr(self, f"_cmd_{args.command.replace('-', '_')}")(args)
         except ControlPlaneError as e:
-            raise SageNBError(e.message) from None
+            raise SageNBError(views.one_line(e)) from None
         except (ConnectionError, OSError) as e:
             raise SageNBError(f"cannot reach the sage_nb server: {e}") from None
 
@@ -74,24 +99,14 @@ class LLMMagics(Magics):
         if args.no_wait:
             engine = self.client.start(args.model, kind, wait=False, extra_args=vllm_args, **options)
             return views.engines_table([engine], "sage_nb: starting (use %llm engines to follow)")
-        engine = self.client.start(args.model, kind, wait=True, extra_args=vllm_args,
-                                   on_progress=self._progress(f"starting **{args.model}** ({kind})"), **options)
+        progress = Progress(f"starting **{args.model}** ({kind})", args.name or args.model)
+        try:
+            engine = self.client.start(args.model, kind, wait=True, extra_args=vllm_args, on_progress=progress,
+                                       **options)
+        except Exception:  # refused, or failed while loading: no "starting" line is left behind
+            progress.failed()
+            raise
         return views.engines_table([engine], "sage_nb: ready")
-
-    @staticmethod
-    def _progress(what: str):
-        """Show ``what`` in one display that the returned ``on_progress(engine, phase)`` updates."""
-        handle = display(views.Note(f"⏳ {what} …"), display_id=True)
-        t0 = time.monotonic()
-
-        def progress(engine: dict, phase: str) -> None:
-            where = ",".join(f"GPU{g}" for g in engine["gpu_ids"]) or "CPU"
-            where += f" on {engine['node']}" if engine.get("node") else ""
-            mark = "✅" if phase == "ready" else "⏳"
-            handle.update(views.Note(f"{mark} **{engine['name']}** ({engine['kind']}, {where}, port "
-                                     f"{engine['port']}): {phase} — {time.monotonic() - t0:.0f} s"))
-
-        return progress
 
     def _cmd_stop(self, args):
         return views.engines_table([self.client.stop(args.engine)], "sage_nb: stopped")
@@ -104,7 +119,12 @@ class LLMMagics(Magics):
         if args.no_wait:
             engine = self.client.wake(args.engine, wait=False)
             return views.engines_table([engine], f"sage_nb: {engine['state']} (use %llm engines to follow)")
-        engine = self.client.wake(args.engine, on_progress=self._progress(f"waking **{args.engine}**"))
+        progress = Progress(f"waking **{args.engine}**", args.engine)
+        try:
+            engine = self.client.wake(args.engine, on_progress=progress)
+        except Exception:
+            progress.failed()
+            raise
         return views.engines_table([engine], "sage_nb: awake")
 
     def _cmd_keep_alive(self, args):
@@ -121,8 +141,18 @@ class LLMMagics(Magics):
         return views.gpus_table(self.client.gpus())
 
     def _cmd_prune(self, args):
-        removed = self.client.prune()
-        return views.Table("sage_nb: pruned", ["id"], [[i] for i in removed], empty="nothing to prune")
+        """This notebook's stopped and failed engines (``--all``: everyone's); says which were kept."""
+        names = {e["id"]: e for e in self.client.engines()}
+        mine = not args.all and any(this_kernel())
+        removed = self.client.prune(mine=mine)
+        kept = [e["name"] for e in names.values() if e["state"] in ENDED and e["id"] not in removed
+                and not self.client.started_here(e)] if mine else []
+        footer = (f"kept {len(kept)} stopped/failed engine{'s' if len(kept) > 1 else ''} not started from this "
+                  f"notebook: {', '.join(kept)}; %llm prune --all prunes them") if kept else None
+        rows = [[i, names.get(i, {}).get("name", ""), names.get(i, {}).get("state", "")] for i in removed]
+        what = "this notebook's stopped/failed engines" if mine else "stopped/failed engines"
+        return views.Table(f"sage_nb: pruned {what}", ["id", "name", "was"], rows, empty="nothing to prune",
+                           footer=footer)
 
     def _cmd_logs(self, args):
         return views.Logs(args.engine, self.client.logs(args.engine, args.lines))
@@ -150,7 +180,7 @@ class LLMMagics(Magics):
             reply = oa.chat.completions.create(model=oa.model, messages=messages, max_tokens=args.max_tokens,
                                                temperature=args.temperature)
         except ControlPlaneError as e:
-            raise SageNBError(e.message) from None
+            raise SageNBError(views.one_line(e)) from None
         except Exception as e:  # openai errors: one clear line
             raise SageNBError(f"chat request failed: {e}") from None
         text = reply.choices[0].message.content or ""

@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import html
 import math
+import re
 import time
 
+from sage_nb.controlplane.errors import ControlPlaneError, EngineFailed, NotFound
 from sage_nb.controlplane.state import EngineState
 
 from .integrations import jupyter_ai_lines
+
+FAILED_ENGINE = re.compile(r"engine '(?P<name>[^']+)' ")
 
 
 class Table:
@@ -164,3 +168,16 @@ class Note:
 
     def _repr_markdown_(self) -> str:
         return self.markdown
+
+
+def one_line(error: ControlPlaneError) -> str:
+    """A control-plane error as the notebook shows it: a failed engine's first line (its cause; the
+    lines after it are the log tail) and where its log is; a missing engine with where to list them."""
+    message = error.message
+    if isinstance(error, NotFound) and message.startswith("no engine with id or name"):
+        return f"{message}; see %llm engines"
+    if isinstance(error, EngineFailed):
+        first = message.split("\n")[0].rstrip()
+        match = FAILED_ENGINE.match(message)
+        return f"{first} (the engine's log: %llm logs {match['name']})" if match else first
+    return message

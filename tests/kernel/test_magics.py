@@ -149,7 +149,7 @@ def test_engine_lifecycle_with_magics(shell, model_dir):
 def test_runtime_errors_are_one_line(shell):
     with pytest.raises(SageNBError) as exc:
         llm(shell, "stop nope")
-    assert exc.value._render_traceback_() == ["sage_nb: no engine with id or name 'nope'"]
+    assert exc.value._render_traceback_() == ["sage_nb: no engine with id or name 'nope'; see %llm engines"]
     with pytest.raises(SageNBError, match="does not exist"):
         llm(shell, "start /no/such/model")
     with pytest.raises(SageNBError, match="No LLM backend available. Start one with: %llm start <model>"):
