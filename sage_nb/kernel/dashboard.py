@@ -15,11 +15,12 @@ import os
 import ipywidgets as w
 import psutil
 
+from sage_nb.controlplane.errors import ControlPlaneError
 from sage_nb.controlplane.state import DORMANT, STOPPABLE, EngineState, is_routable
 
 from .client import LOADING, Client, get_client
 from .gpubar import by_node, gpu_bar_html, gpu_rows_html, node_label  # noqa: F401 (gpu_bar_html re-exported)
-from .views import holders, idle_text, uptime
+from .views import holders, idle_text, one_line, uptime
 
 STATE_COLORS = {EngineState.READY: "#2e7d32", EngineState.STARTING: "#f9a825", EngineState.STOPPING: "#6d4c41",
                 EngineState.FAILED: "#c62828", EngineState.STOPPED: "#757575", EngineState.SLEEPING: "#5c6bc0",
@@ -45,17 +46,21 @@ class Dashboard(w.VBox):
         self.logs = w.Output(layout=w.Layout(max_height="20em", overflow="auto"))
         self.pause_button = w.ToggleButton(description="pause", icon="pause", value=False)
         self.pause_button.observe(lambda change: self.pause(change["new"]), "value")
-        prune = w.Button(description="prune", icon="trash", tooltip="remove stopped and failed engines")
+        # the dashboard lists every engine of the user: its prune removes every ended one it shows
+        prune = w.Button(description="prune", icon="trash",
+                         tooltip="remove every stopped and failed engine listed, whoever started it")
         prune.on_click(lambda _: self._act(self.client.prune))
         self.model = w.Text(placeholder="model id or path", description="model")
         self.kind = w.Dropdown(options=["llm", "embedding"], value="llm", description="kind")
-        self.tp = w.BoundedIntText(value=1, min=1, max=64, description="TP GPUs")
+        self.tp = w.BoundedIntText(value=1, min=1, max=64, description="TP GPUs",
+                                   tooltip="tensor parallel: GPUs per engine")  # shown where there are GPUs
         start = w.Button(description="start", icon="play", button_style="success")
         start.on_click(lambda _: self._start())
         form = w.HBox([self.model, self.kind, self.tp, start])
         super().__init__([w.HTML("<h4>sage_nb</h4>"), self.gpu_box, self.engine_box,
                           w.HBox([prune, self.pause_button]), form, self.status, self.logs])
         self._task: asyncio.Task | None = None
+        self._clock: list[tuple[dict, w.HTML, w.HTML]] = []  # each row's engine, uptime and idle cells
         self.refresh()
         if autostart:
             self.start_refresh()
@@ -79,20 +84,31 @@ class Dashboard(w.VBox):
             return None
 
     def refresh(self, data: dict | None = None) -> bool:
-        """Update the widgets from ``data`` (fetched now if None); False when nothing changed."""
+        """Update the widgets from ``data`` (fetched now if None); False when nothing shown changed.
+        Widgets are rebuilt only when the data changed; the uptime and idle cells, which change with
+        the time alone, advance on every refresh."""
         try:
             data = data or self.fetch()
         except Exception as e:
             self.status.value = f"<span style='color:#c62828'>refresh failed: {html.escape(str(e))}</span>"
             return False
-        if data == self.snapshot:
-            return False
+        changed = data != self.snapshot
         if data["gpus"] != self.snapshot.get("gpus") or data.get("host") != self.snapshot.get("host"):
             self._show_gpus(data["gpus"], data.get("host"))
         if data["engines"] != self.snapshot.get("engines"):
             self._show_engines(data["engines"])
         self.snapshot = data
-        return True
+        return self._tick() or changed
+
+    def _tick(self) -> bool:
+        """Set each row's uptime and idle cells to what they are now; True if one changed."""
+        changed = False
+        for engine, *cells in self._clock:
+            for cell, value in zip(cells, (clock_html("uptime", uptime(engine)), clock_html("idle", idle_text(engine))),
+                                   strict=True):
+                if cell.value != value:
+                    cell.value, changed = value, True
+        return changed
 
     def _show_gpus(self, report: dict, host: dict | None) -> None:
         if report["devices"]:
@@ -100,6 +116,9 @@ class Dashboard(w.VBox):
         else:
             rows = [cpu_html(report.get("error") or "none found", host or {})]
         self.gpu_box.children = [w.HTML(r) for r in rows]
+        self.tp.layout.display = None if report["devices"] else "none"  # no GPU: no tensor parallel to ask for
+        if not report["devices"]:
+            self.tp.value = 1
 
     def _show_engines(self, engines: list[dict]) -> None:
         header = ["name", "model", "kind", "state", "GPUs", "port", "uptime", "idle", "health", "started by"]
@@ -108,14 +127,18 @@ class Dashboard(w.VBox):
                    ("wake", "sun-o", lambda e: e["state"] not in DORMANT, self._wake),
                    ("logs", "file-text", lambda e: False, None)]
         cells = [w.HTML(f"<b>{h}</b>") for h in header] + [w.HTML("")] * len(buttons)
+        self._clock = []
         for e in engines:
             color = STATE_COLORS.get(e["state"], "#000")
             health = health_of(e)
             values = [html.escape(e["name"]), html.escape(e["served_model_name"]), e["kind"],
                       f"<span style='color:{color}'>{e['state']}</span>{phase_html(e)}",
-                      ",".join(map(str, e["gpu_ids"])) or "cpu", e["port"], uptime(e), idle_text(e),
-                      html.escape(health), started_by_html(e)]
-            cells += [w.HTML(f"<span class='sage-nb-cell'>{v}</span>") for v in values]
+                      ",".join(map(str, e["gpu_ids"])) or "cpu", e["port"]]
+            row = [w.HTML(f"<span class='sage-nb-cell'>{v}</span>") for v in values]
+            row += [w.HTML(clock_html("uptime", uptime(e))), w.HTML(clock_html("idle", idle_text(e)))]
+            row += [w.HTML(f"<span class='sage-nb-cell'>{v}</span>") for v in (html.escape(health), started_by_html(e))]
+            self._clock.append((e, row[6], row[7]))
+            cells += row
             for name, icon, disabled, action in buttons:
                 button = w.Button(description=name, icon=icon, layout=w.Layout(width="auto"), disabled=disabled(e))
                 if action is None:
@@ -136,8 +159,9 @@ class Dashboard(w.VBox):
         try:
             result = fn(*args)
             self.status.value = html.escape(f"done: {json.dumps(result)[:200]}")
-        except Exception as e:
-            self.status.value = f"<span style='color:#c62828'>{html.escape(str(e))}</span>"
+        except Exception as e:  # one line: a failed engine's cause, not its log tail
+            text = one_line(e) if isinstance(e, ControlPlaneError) else str(e).split("\n")[0]
+            self.status.value = f"<span style='color:#c62828'>{html.escape(text)}</span>"
         self.refresh()
 
     def _wake(self, engine_id: str) -> dict:
@@ -209,10 +233,10 @@ class Dashboard(w.VBox):
         if not data["gpus"]["devices"]:
             lines.append(f"  no NVIDIA GPU ({data['gpus'].get('error') or 'none found'}): engines run on CPU")
         for e in data["engines"]:
-            idle = idle_text(e)
+            idle, up = idle_text(e), uptime(e)
             lines.append(f"  {e['name']:<20} {e['kind']:<9} {e['state']:<8}{phase_text(e)} port {e['port']} "
                          f"gpus {','.join(map(str, e['gpu_ids'])) or 'cpu'} {e['served_model_name']}"
-                         f" ({health_of(e)}){f' idle: {idle}' if idle else ''}"
+                         f" ({health_of(e)}){f' up {up}' if up else ''}{f' idle: {idle}' if idle else ''}"
                          f"{f' started by {who}' if (who := started_by(e)) else ''}")
         if not data["engines"]:
             lines.append("  no engines")
@@ -223,6 +247,11 @@ class Dashboard(w.VBox):
         if isinstance(bundle, dict):
             bundle["text/plain"] = repr(self)
         return bundle
+
+
+def clock_html(what: str, text: str) -> str:
+    """An engine's ``uptime`` or ``idle`` cell (``sage-nb-uptime``, ``sage-nb-idle``)."""
+    return f"<span class='sage-nb-cell sage-nb-{what}'>{html.escape(text)}</span>"
 
 
 def gpu_line(g: dict, indent: str) -> str:

@@ -298,3 +298,48 @@ def test_gpus_grouped_by_node_on_a_cluster(client):
     text = repr(board)
     assert "  node a1b2c3d4 (127.0.0.1):\n    GPU0 " in text and "  node ffee0011 (10.0.0.2):\n    GPU1 " in text
     assert "\n    GPU2 " in text
+
+
+def test_uptime_and_idle_advance_on_every_refresh_without_a_rebuild(monkeypatch):
+    """The engine's record does not change while it runs; its uptime and idle cells still do (they
+    stood still while the CPU line refreshed when only changed data updated the rows)."""
+    from .test_idle_views import RecordingTransport
+
+    now = [1000.0]
+    monkeypatch.setattr("sage_nb.kernel.views.time.time", lambda: now[0])
+    board = Dashboard(client=Client(transport=RecordingTransport("ready", ready_at=919.0)), autostart=False)
+    grid = board.engine_box.children[0]
+
+    def clock() -> list[str]:  # the texts of the uptime and idle cells
+        values = [getattr(c, "value", "") for c in grid.children]
+        return [re.sub("<[^>]+>", "", v) for v in values if "sage-nb-uptime" in v or "sage-nb-idle" in v]
+
+    assert clock() == ["1m21s", "in 4m10s"] and "up 1m21s" in repr(board)
+    now[0] = 1012.0
+    assert board.refresh() is True and board.engine_box.children[0] is grid  # the same row widgets, updated
+    assert clock() == ["1m33s", "in 3m58s"] and "up 1m33s" in repr(board)
+    monkeypatch.setattr(board, "fetch", lambda: board.snapshot)  # nothing changed, not even the time
+    assert board.refresh() is False
+
+
+def test_start_form_offers_tensor_parallel_only_with_gpus(client):
+    from .test_idle_views import RecordingTransport
+
+    assert Dashboard(client=client, autostart=False).tp.layout.display is None  # the fake two-GPU box
+    cpu = Dashboard(client=Client(transport=RecordingTransport("ready")), autostart=False)  # no GPU
+    assert cpu.tp.layout.display == "none" and cpu.tp.value == 1
+
+
+def test_action_errors_are_one_line():
+    from sage_nb.controlplane import EngineFailed
+
+    from .test_idle_views import RecordingTransport
+
+    board = Dashboard(client=Client(transport=RecordingTransport("ready")), autostart=False)
+
+    def fails():
+        raise EngineFailed("engine 'chat' failed: the cause\n--- last lines ---\nTraceback (most recent call last):")
+
+    board._act(fails)
+    assert "the cause (the engine&#x27;s log: %llm logs chat)" in board.status.value
+    assert "Traceback" not in board.status.value and "last lines" not in board.status.value
