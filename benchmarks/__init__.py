@@ -1,1 +1,1 @@
-"""sage_nb benchmarks: `python -m benchmarks.run` (see README.md)."""
+"""sage_nb benchmarks: `python -m benchmarks.run` (see benchmarks/README.md)."""

@@ -69,7 +69,7 @@ def user_server(box, user, gpus, name: str, port_range, stub: bool):
     root = user.home / name
     root.mkdir()
     os.chown(root, user.uid, user.gid)
-    # the ledger is configured as the README tells an admin: sage_nb's own config file
+    # the ledger is configured as docs/shared-server.md tells an admin: sage_nb's own config file
     (root / "cfg").mkdir()
     (root / "cfg" / "jupyter_sage_nb_config.json").write_text(
         json.dumps({"SageNBApp": {"shared_ledger": str(box["ledger"])}}))
