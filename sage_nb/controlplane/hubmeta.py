@@ -39,9 +39,9 @@ def fetch(model: str, env: Mapping[str, str], cache: str, timeout: float = 20.0)
     from huggingface_hub.utils import build_hf_headers, get_session, hf_raise_for_status
 
     endpoint = endpoint_of(env)
-    not_here = f"{model!r} is not on this machine (not a directory, not in the Hugging Face cache {cache})"
+    not_here = f"model {model!r} is not on this machine (not a directory, not in the Hugging Face cache {cache})"
     if offline(env) or constants.is_offline_mode():
-        raise BadRequest(f"cannot size {not_here} and HF_HUB_OFFLINE is set, so the hub is not asked: "
+        raise BadRequest(f"{not_here}, and HF_HUB_OFFLINE is set, so the hub is not asked for its size: "
                          f"download it first (`hf download {model}` where the hub is reachable), start it "
                          "from a local model directory, or unset HF_HUB_OFFLINE")
     token = env.get("HF_TOKEN") or None  # None: huggingface_hub's own (HF_TOKEN, `hf auth login`)
@@ -53,7 +53,7 @@ def fetch(model: str, env: Mapping[str, str], cache: str, timeout: float = 20.0)
         hf_raise_for_status(response)
         config = json.loads(response.content)
     except OfflineModeIsEnabled:
-        raise BadRequest(f"cannot size {not_here} and HF_HUB_OFFLINE is set, so the hub is not asked: "
+        raise BadRequest(f"{not_here}, and HF_HUB_OFFLINE is set, so the hub is not asked for its size: "
                          f"download it first (`hf download {model}`), start it from a local model "
                          "directory, or unset HF_HUB_OFFLINE") from None
     except Exception as e:  # noqa: BLE001 — every failure becomes one clear message
@@ -84,7 +84,7 @@ def _why(model: str, endpoint: str, not_here: str, error: Exception) -> str:
         return f"the hub at {endpoint} could not give the metadata of {model!r}: {first}"
     if isinstance(error, ValueError):
         return f"the hub at {endpoint} gave unusable metadata for {model!r}: {error}"
-    return (f"cannot size {not_here}, and the hub at {endpoint} is unreachable ({type(error).__name__}: "
+    return (f"{not_here}, and the hub at {endpoint} is unreachable ({type(error).__name__}: "
             f"{error}): start it from a local model directory, download it first where the hub is reachable "
             f"(`hf download {model}`), or set HF_ENDPOINT to a reachable mirror; on a machine without "
             "internet access set HF_HUB_OFFLINE=1")

@@ -96,6 +96,7 @@ class Engine:
     dormant_since: float | None = None  # went sleeping or unloaded
     wake_started_at: float | None = None  # a wake is under way (a request waits for it)
     weights_mib: int = 0
+    host_mib: int = 0  # on a machine without GPUs: the host memory it was sized to take
     request: dict = field(default_factory=dict)  # the launch request, to launch it again when unloaded
     # who started it, and an engine tied to its kernel (scope "kernel": see scope.py)
     kernel_id: str | None = None

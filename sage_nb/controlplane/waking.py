@@ -30,7 +30,7 @@ def wake(cp, engine_id: str, wait: bool = True, timeout: float | None = None) ->
         engine = cp.registry.find(engine_id)
     if engine.state == EngineState.UNLOADED:
         req = relaunch_request(engine)
-        spec = cp._size(req) if cp.inventory.devices() else None
+        spec = cp.spec_for(req)
         mine, made = cp.supervisor.idle.make_room(lambda: _relaunch(cp, engine_id, req, spec), engine_id)
         if mine is not None:
             mine = _made_room(cp, mine, made)
@@ -86,6 +86,7 @@ def _relaunch(cp, engine_id: str, req: LaunchRequest, spec) -> Engine | None:
         if engine.state != EngineState.UNLOADED:
             return None
         engine.gpu_ids, engine.node, engine.device, engine.booked_mib, engine.note = [], None, "cpu", 0, None
+        engine.host_mib = 0
         engine.max_model_len, engine.gpu_memory_utilization = req.max_model_len, None
         try:
             views = cp._placed(txn, engine, req, spec)
