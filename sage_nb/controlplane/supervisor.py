@@ -17,7 +17,7 @@ import threading
 import time
 from pathlib import Path
 
-from . import idle, ports, probes, process, reconcile, scan, scope
+from . import diagnosis, idle, ports, probes, process, reconcile, scan, scope
 from .errors import Conflict, EngineFailed
 from .gpus import GpuInventory
 from .nodeprocs import NodeProcesses
@@ -57,10 +57,9 @@ class Supervisor:
     def log_tail(self, engine: Engine, lines: int) -> str:  # a remote engine's is read on its node
         return self.nodes.log_tail(engine, lines) if self.remote(engine) else process.log_tail(engine.log_path, lines)
 
-    def failure(self, engine: Engine, reason: str) -> str:
-        """``reason`` followed by the last lines of the engine's own log."""
-        tail = self.log_tail(engine, 25).strip()
-        return f"{reason}\n--- last lines of {engine.log_path} ---\n{tail}" if tail else reason
+    def failure(self, engine: Engine, reason: str, code: int | None = None) -> str:
+        """The cause found in the engine's log (else ``reason``) on the first line, then its last lines."""
+        return diagnosis.explain(reason, self.log_tail(engine, diagnosis.TAIL_LINES), engine.log_path, code)
 
     # ------------------------------------------------------------------ launch
     def launch(self, engine: Engine) -> None:
@@ -276,7 +275,7 @@ class Supervisor:
             if PORT_TAKEN.search(tail) and self.relaunch_on_new_port(engine.id, "address already in use"):
                 return
             how = f"exited with code {code}" if code is not None else "exited"
-            self.fail(engine.id, self.failure(engine, f"the engine process {how} before it was ready"))
+            self.fail(engine.id, self.failure(engine, f"the engine process {how} before it was ready", code))
         elif now - launched > self.settings.startup_timeout:
             self.fail(engine.id, self.failure(engine, f"not ready within {self.settings.startup_timeout:.0f} s"))
         elif probes.ready(engine.host, engine.port, engine.served_model_name, engine.api_key,
@@ -288,8 +287,8 @@ class Supervisor:
 
     def _check_ready(self, engine: Engine, work: bool) -> None:
         """Process alive, ``/health`` answering and real requests completing (work probes)."""
-        if self._exit_code(engine)[0]:
-            self.fail(engine.id, self.failure(engine, "the engine process died"))
+        if (exited := self._exit_code(engine))[0]:
+            self.fail(engine.id, self.failure(engine, "the engine process died", exited[1]))
             return
         ok = probes.healthy(engine.host, engine.port, self.settings.probe_timeout)
         stuck_now, stuck = self.work.check(engine) if ok and work else (False, False)
