@@ -1,12 +1,14 @@
 """The dashboard in a real browser: JupyterLab in headless Chromium runs ``%llm dashboard`` with a
 real engine on a (fake) busy two-GPU box, shared (through a machine-wide ledger) with another
 registry's engine, where NVML lists a foreign process; the rendered widget must show the GPU bars
-with each holder's segment in proportion, their legend, and the engine row."""
+with each holder's segment in proportion, their legend, the engine row with its uptime advancing on
+every refresh, and the start form's tensor-parallel field (a GPU box)."""
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -75,6 +77,14 @@ def lab(tmp_path, tiny_llama, neighbours):
             proc.kill()
 
 
+def seconds(uptime: str) -> int:
+    """``1m21s`` (or ``1h02m``) as seconds."""
+    match = re.fullmatch(r"(\d+)([hm])(\d+)([ms])", uptime.strip())
+    assert match, uptime
+    big, small = (3600, 60) if match[2] == "h" else (60, 1)
+    return int(match[1]) * big + int(match[3]) * small
+
+
 def share(bar, segment) -> float:
     """The rendered width of a segment as a fraction of its bar's."""
     return segment.bounding_box()["width"] / bar.locator(".sage-nb-bar").bounding_box()["width"]
@@ -129,6 +139,12 @@ def test_dashboard_renders_in_jupyterlab(lab, neighbours, tmp_path):
             row_text = " ".join(cells.all_inner_texts())
             assert "tiny" in row_text and "ready" in row_text and "llm" in row_text
             assert page.locator(".jp-OutputArea button", has_text="stop").count() >= 1
+            # the uptime advances with every refresh (every 2 s) though tiny's record does not change
+            uptime = page.locator(".jp-OutputArea .sage-nb-uptime").first
+            first = seconds(uptime.inner_text())
+            page.wait_for_timeout(4500)
+            assert seconds(uptime.inner_text()) >= first + 3, (first, uptime.inner_text())
+            assert page.get_by_text("TP GPUs").first.is_visible()  # a GPU box: tensor parallel is offered
             news = page.get_by_role("button", name="No", exact=True)  # JupyterLab's news prompt
             if news.count():
                 news.first.click()
