@@ -119,16 +119,22 @@ def test_magics_and_client_in_a_real_kernel(world):
         assert str(world["state"] / "registry.sqlite3") in text_of(out)
         out, reply = execute(kc, "%llm stop nope")
         assert reply["status"] == "error" and reply["ename"] == "SageNBError"
-        assert [o for o in out if o["type"] == "error"][0]["traceback"] == ["sage_nb: no engine with id or name 'nope'"]
+        assert [o for o in out if o["type"] == "error"][0]["traceback"] == [
+            "sage_nb: no engine with id or name 'nope'; see %llm engines"]
         out, reply = execute(kc, "%llm start --tp x")
         assert reply["status"] == "error" and reply["ename"] == "UsageError"
         out, reply = execute(kc, "r = %llm stop mini\nprint(repr(r))")
         assert "stopped" in text_of(out)
+        code, stopped = server.request("DELETE", f"sage_nb/api/engines/{world['tiny_id']}")
+        assert code == 200 and stopped["state"] == "stopped"
+        # this kernel started mini, not tiny (the embedded test did): its prune keeps tiny and says so
+        out, reply = execute(kc, "r = %llm prune\nprint(repr(r))")
+        assert reply["status"] == "ok" and "this notebook's" in text_of(out) and " mini " in text_of(out)
+        assert ("kept 1 stopped/failed engine not started from this notebook: tiny; %llm prune --all prunes them"
+                in text_of(out))
     finally:
         kc.stop_channels()
         server.request("DELETE", f"api/kernels/{kernel['id']}")
-    code, stopped = server.request("DELETE", f"sage_nb/api/engines/{world['tiny_id']}")
-    assert code == 200 and stopped["state"] == "stopped"
     code, pruned = server.request("POST", "sage_nb/api/engines/prune")
-    assert len(pruned["removed"]) == 2
+    assert pruned["removed"] == [world["tiny_id"]]
     assert json.dumps(server.get("sage_nb/api/engines")[1]) == "[]"
