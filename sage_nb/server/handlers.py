@@ -221,7 +221,7 @@ class NoRouteHandler(SageHandler):
     @web.authenticated
     @authorized
     def get(self) -> None:
-        raise ApiError(404, f"no sage_nb route {self.request.path!r}; see the README for the REST API")
+        raise ApiError(404, f"no sage_nb route {self.request.path!r}; the REST API is in docs/rest.md")
 
     post = put = patch = delete = get
 
