@@ -141,7 +141,7 @@ class Parsed:
 
 def _split(line: str) -> list[str]:
     try:
-        return shlex.split(line)
+        return shlex.split(line, comments=True)  # "%llm start m  # a note" as in Python
     except ValueError as e:
         raise UsageError(f"%llm: cannot parse arguments: {e}") from None
 

@@ -218,3 +218,10 @@ def test_backends_show_the_jupyter_ai_lines_in_server_mode(shell):
 def test_backends_show_no_jupyter_ai_lines_in_embedded_mode(shell, model_dir):
     llm(shell, f"start {model_dir(1)} --name chat")
     assert "%%ai" not in repr(llm(shell, "backends"))  # no gateway without a server
+
+
+def test_a_comment_after_a_magic_is_a_comment():
+    """``%llm start MODEL  # note`` as in the README of old: the rest of the line after ``#`` is no argument."""
+    parsed = parse_line("start Qwen/Qwen2.5-7B-Instruct --name q  # shows loading phases until ready")
+    assert (parsed.args.model, parsed.args.name, parsed.vllm_args) == ("Qwen/Qwen2.5-7B-Instruct", "q", [])
+    assert parse_cell('--system "you are #1"  # a note').system == "you are #1"
