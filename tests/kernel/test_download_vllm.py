@@ -17,7 +17,7 @@ MODEL = "sage-test/tiny-llama"
 DOWNLOAD = "downloading weights: model.safetensors"
 
 
-def test_a_first_start_shows_the_download(tmp_path, tiny_llama):
+def test_a_first_start_shows_the_download(tmp_path, tiny_llama, online_hub):  # sized from the local hub too
     hf_home = tmp_path / "hf"
     with LocalHub({MODEL: HubModel.from_dir(tiny_llama)}, slow_weights=3.0) as hub:
         cl = Client(embedded=True, state_dir=tmp_path / "state", port_range=(19000, 19019), adopt_unrecorded=False,
