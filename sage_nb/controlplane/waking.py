@@ -11,12 +11,11 @@ from __future__ import annotations
 import threading
 import time
 
-from ..errors import Conflict, EngineFailed, NoRoom, WakeTimeout
-from ..gpus import placement
-from ..requests import LaunchRequest
-from ..state import EngineState
-from ..store import ports
-from ..store.registry import Engine
+from . import placement, ports
+from .errors import Conflict, EngineFailed, NoRoom, WakeTimeout
+from .registry import Engine
+from .requests import LaunchRequest
+from .state import EngineState
 
 WAITING = (EngineState.WAKING, EngineState.STARTING)
 
