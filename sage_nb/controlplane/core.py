@@ -13,7 +13,7 @@ import time
 import uuid
 from pathlib import Path
 
-from . import attribution, hostmem, idle, placement, ports, process, validation, waking
+from . import attribution, hostmem, idle, placement, ports, process, scope, validation, waking
 from .cluster import ClusterInventory
 from .errors import BadRequest, Conflict, NoRoom
 from .gpus import GpuInventory
@@ -350,8 +350,8 @@ class ControlPlane:
         kernel_id, notebook = validation.kernel_id(kernel_id), validation.notebook_path(notebook)
         if kernel_id is None and notebook is None:
             return self.supervisor.prune()
-        return self.supervisor.prune({e.id for e in self.registry.engines() if (kernel_id and e.kernel_id == kernel_id)
-                                      or (notebook and e.notebook == notebook)})
+        return self.supervisor.prune({m["id"] for m in self.registry.models()
+                                      if scope.started_from(m, kernel_id, notebook)})
 
     def fail(self, engine_id: str, error: str, expect=STOPPABLE) -> bool:
         """Mark an engine ``failed`` (what is left of it killed, what it held released)."""

@@ -60,6 +60,12 @@ class KernelHost:
         return cls(knows=lambda k: k == kernel_id, pid_of=lambda k: os.getpid() if k == kernel_id else None)
 
 
+def started_from(engine: dict, kernel_id: str | None, notebook: str | None) -> bool:
+    """Whether an engine's model was started by that kernel or from that notebook (``None``: unknown)."""
+    return bool((kernel_id and engine.get("kernel_id") == kernel_id)
+                or (notebook and engine.get("notebook") == notebook))
+
+
 def process_identity(pid: int) -> str | None:
     """``"<pid>:<start time>"``: a process, told apart from a later one with the same pid."""
     started = process.start_time(pid)

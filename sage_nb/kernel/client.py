@@ -96,18 +96,11 @@ class Client:
     def logs(self, id_or_name: str, lines: int = 100) -> str:
         return self.transport.logs(id_or_name, validation.integer("lines", lines))
 
-    def prune(self, mine: bool = False) -> list[str]:
-        """Remove stopped and failed engine records: every one, or (``mine``) those this kernel or its
-        notebook started (every one where neither is known: plain IPython, a kernel started by hand).
-        Returns the removed ids."""
-        return self.transport.prune(*(this_kernel() if mine else (None, None)))
-
-    @staticmethod
-    def started_here(engine: dict) -> bool:
-        """Whether this kernel, or another kernel of its notebook, started ``engine``."""
-        kernel_id, notebook = this_kernel()
-        return bool((kernel_id and engine.get("kernel_id") == kernel_id)
-                    or (notebook and engine.get("notebook") == notebook))
+    def prune(self, kernel_id: str | None = None, notebook: str | None = None) -> list[str]:
+        """Remove stopped and failed engine records: every one, or (``kernel_id``/``notebook``, as
+        :func:`.connection.this_kernel` gives them) those that kernel or notebook started. Returns the
+        removed ids."""
+        return self.transport.prune(kernel_id, notebook)
 
     def stop(self, id_or_name: str) -> dict:
         return self.transport.stop(id_or_name)

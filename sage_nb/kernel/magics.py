@@ -10,6 +10,7 @@ from IPython.display import display
 from traitlets import Unicode
 
 from sage_nb.controlplane import ControlPlaneError
+from sage_nb.controlplane.scope import started_from
 from sage_nb.controlplane.state import ENDED
 
 from . import doctor, views
@@ -143,10 +144,11 @@ class LLMMagics(Magics):
     def _cmd_prune(self, args):
         """This notebook's stopped and failed engines (``--all``: everyone's); says which were kept."""
         names = {e["id"]: e for e in self.client.engines()}
-        mine = not args.all and any(this_kernel())
-        removed = self.client.prune(mine=mine)
+        here = (None, None) if args.all else this_kernel()
+        mine = any(here)
+        removed = self.client.prune(*here)
         kept = [e["name"] for e in names.values() if e["state"] in ENDED and e["id"] not in removed
-                and not self.client.started_here(e)] if mine else []
+                and not started_from(e, *here)] if mine else []
         footer = (f"kept {len(kept)} stopped/failed engine{'s' if len(kept) > 1 else ''} not started from this "
                   f"notebook: {', '.join(kept)}; %llm prune --all prunes them") if kept else None
         rows = [[i, names.get(i, {}).get("name", ""), names.get(i, {}).get("state", "")] for i in removed]
