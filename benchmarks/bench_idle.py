@@ -217,7 +217,8 @@ def run_sleeping(work: Path, rounds: int) -> dict:
         e = rest.wait_state(engine_id, {"ready"}, 60)
         if not e.get("sleep_mode"):
             raise RuntimeError(f"the engine was not launched with sleep mode: {e}")
-        from sage_nb.controlplane import ControlPlane, probes
+        from sage_nb.controlplane import ControlPlane
+        from sage_nb.controlplane.engines import probes
 
         cp = ControlPlane(state_dir=work / "stub-state", monitor=False, adopt_unrecorded=False, fake_gpus=BOX,
                           use_nvml=False, sleep_mode="on")

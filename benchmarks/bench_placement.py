@@ -31,7 +31,7 @@ if __package__ in (None, ""):  # `python benchmarks/bench_placement.py`
     __package__ = "benchmarks"
 
 from sage_nb.controlplane import ControlPlane  # noqa: E402
-from sage_nb.controlplane.placement import choose_gpus  # noqa: E402
+from sage_nb.controlplane.gpus.placement import choose_gpus  # noqa: E402
 from sage_nb.controlplane.requests import LaunchRequest  # noqa: E402
 
 from .common import Figure, Settings, interleave, median, per_call  # noqa: E402

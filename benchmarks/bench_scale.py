@@ -8,8 +8,8 @@ import sqlite3
 import uuid
 
 from sage_nb.controlplane import ControlPlane
-from sage_nb.controlplane.registry import Engine
-from sage_nb.controlplane.router import Router
+from sage_nb.controlplane.routing.router import Router
+from sage_nb.controlplane.store.registry import Engine
 
 from .common import Figure, Settings, interleave, median, per_call
 from .jserver import JServer

@@ -22,7 +22,7 @@ import os
 from pathlib import Path
 
 from sage_nb.controlplane import ControlPlane
-from sage_nb.controlplane.process import group_members
+from sage_nb.controlplane.engines.process import group_members
 
 from .common import Figure, Settings, free_port, interleave, kill_group, median, wait_until
 from .jserver import TOKEN, JServer

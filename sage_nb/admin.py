@@ -16,9 +16,9 @@ import os
 import sys
 from pathlib import Path
 
-from sage_nb.controlplane import ledger
-from sage_nb.controlplane.gpus import GpuInventory
+from sage_nb.controlplane.gpus.inventory import GpuInventory
 from sage_nb.controlplane.settings import ENV_PREFIX, parse_fake_gpus
+from sage_nb.controlplane.store import ledger
 
 
 def init_shared(directory: Path, group: str) -> list[str]:

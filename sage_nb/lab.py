@@ -36,7 +36,7 @@ def free_port(start: int) -> int:
 
 
 def prepare_models() -> None:
-    from sage_nb.controlplane.gpus import GpuInventory
+    from sage_nb.controlplane.gpus.inventory import GpuInventory
     from sage_nb.testing.tinymodel import default_models_dir, make_tiny_llama, minilm_path
 
     print(f"sage_nb: tiny test model at {make_tiny_llama(default_models_dir() / 'tiny-llama')}")

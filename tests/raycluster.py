@@ -25,16 +25,16 @@ def ray_cluster():
     from ray._private import ray_constants
     from ray.cluster_utils import Cluster
 
-    from sage_nb.controlplane import cluster
+    from sage_nb.controlplane.cluster import agents
 
     ray_constants.ENABLE_RAY_CLUSTER = False  # in case ray was imported earlier in this process
-    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "env_vars": {cluster.FAKE_ENV: "[]"}})
+    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "env_vars": {agents.FAKE_ENV: "[]"}})
     try:
-        n1 = c.add_node(num_cpus=1, env_vars={cluster.FAKE_ENV: json.dumps(NODE1)})
-        n2 = c.add_node(num_cpus=1, env_vars={cluster.FAKE_ENV: json.dumps(NODE2)})
+        n1 = c.add_node(num_cpus=1, env_vars={agents.FAKE_ENV: json.dumps(NODE1)})
+        n2 = c.add_node(num_cpus=1, env_vars={agents.FAKE_ENV: json.dumps(NODE2)})
         assert c.address.startswith("127.0.0.1:"), c.address  # tests use loopback addresses only
         c.wait_for_nodes()
-        cluster.connect(c.address)
+        agents.connect(c.address)
         yield SimpleNamespace(cluster=c, address=c.address, n1=n1.node_id, n2=n2.node_id, node1=n1, node2=n2)
     finally:
         ray.shutdown()

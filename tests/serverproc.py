@@ -105,7 +105,7 @@ def running_server(root, port_range=(18900, 18949), stub_engines=False, extra_ar
     """A started server (``env``: more of its environment); afterwards it is killed and no process of
     its engines is left."""
     from sage_nb.controlplane import ControlPlane
-    from sage_nb.controlplane.process import group_members
+    from sage_nb.controlplane.engines.process import group_members
 
     from .conftest import STUB_PATH
 

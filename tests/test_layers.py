@@ -90,9 +90,46 @@ def test_layer_rules():
     assert not broken, broken
 
 
+# Inside controlplane/, what each part may import (docs/design.md, "Import rules"). "top" is the
+# shared vocabulary directly in controlplane/ (errors, settings, state, validation, requests, public).
+PARTS = {
+    "top": {"top", "gpus.visible", "gpus.sizing", "gpus.hubmeta"},
+    "store": {"top", "store", "engines.process"},
+    "gpus": {"top", "gpus", "engines.process"},
+    "cluster": {"top", "store", "gpus", "cluster", "engines.process", "engines.scan"},
+    "engines": {"top", "store", "gpus", "cluster", "engines"},
+    "routing": {"top", "store", "engines"},
+}
+
+
+def part(name: str) -> tuple[str, str]:
+    """(part, part.module) of a controlplane module: ``("engines", "engines.process")``, ``("top", "top")``."""
+    rest = name.removeprefix("sage_nb.controlplane").lstrip(".").split(".")
+    if rest[0] in PARTS:
+        return rest[0], ".".join(rest[:2])
+    return ("core", "core") if rest[0] in ("", "core") else ("top", "top")
+
+
+def test_control_plane_parts_import_one_way():
+    packages = {f"sage_nb.controlplane.{p}" for p in PARTS if p != "top"}
+    broken = [f"{p}/__init__.py imports {sorted(GRAPH[p])} (a part's __init__ is its docstring only)"
+              for p in sorted(packages) if GRAPH[p]]
+    for name, deps in GRAPH.items():
+        if not name.startswith("sage_nb.controlplane.") or name.endswith(".core"):
+            continue
+        for dep in deps - packages:  # `from ..engines import process` also names the (empty) package
+            if dep == "sage_nb.controlplane.core":
+                broken.append(f"{name} imports the facade")
+            elif dep.startswith("sage_nb.controlplane."):
+                allowed = PARTS[part(name)[0]]
+                if not {part(dep)[0], part(dep)[1]} & allowed:
+                    broken.append(f"{name} imports {dep}")
+    assert not broken, broken
+
+
 def test_the_checks_see_what_they_check():
     # guards against a walker that finds nothing: known edges must be there
-    assert "sage_nb.controlplane.supervisor" in GRAPH["sage_nb.controlplane.core"]
+    assert "sage_nb.controlplane.engines.supervisor" in GRAPH["sage_nb.controlplane.core"]
     assert "sage_nb.kernel.client" in GRAPH["sage_nb.client"]
     assert "tornado" in {t.split(".")[0] for t in imports("sage_nb.server.gateway")}
 

@@ -15,8 +15,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import sage_nb.client as default_client
-from sage_nb.controlplane.process import kill_tree
-from sage_nb.controlplane.router import NoBackend
+from sage_nb.controlplane.engines.process import kill_tree
+from sage_nb.controlplane.routing.router import NoBackend
 from sage_nb.kernel import client as kernel_client
 from sage_nb.kernel.client import Client
 from sage_nb.rag import RAG, Answer, Chunk, chunk_text

@@ -6,6 +6,7 @@ the engine processes and their lifecycle.
 """
 
 from .core import ControlPlane
+from .engines.supervisor import Supervisor
 from .errors import (
     BadRequest,
     Conflict,
@@ -19,7 +20,6 @@ from .errors import (
 from .requests import LaunchRequest
 from .settings import Settings
 from .state import EngineState, is_routable
-from .supervisor import Supervisor
 
 __all__ = ["BadRequest", "Conflict", "ControlPlane", "ControlPlaneError", "EngineFailed", "EngineState",
            "IllegalTransition", "LaunchRequest", "NoBackend", "NotFound", "Settings", "StateError",

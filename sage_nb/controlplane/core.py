@@ -13,18 +13,21 @@ import time
 import uuid
 from pathlib import Path
 
-from . import attribution, hostmem, idle, placement, ports, process, scope, validation, waking
-from .cluster import ClusterInventory
+from . import validation
+from .cluster.agents import ClusterInventory
+from .engines import idle, process, scope, waking
+from .engines.scope import KernelHost
+from .engines.supervisor import Supervisor
 from .errors import BadRequest, Conflict, NoRoom
-from .gpus import GpuInventory
-from .ledger import SharedLedger, reap
-from .registry import Engine, Registry, Txn
+from .gpus import attribution, hostmem, placement
+from .gpus.inventory import GpuInventory
+from .gpus.sizing import BLOCK, CUDA_CONTEXT_MIB, MIB, MIN_MODEL_LEN, ModelSpec, inspect_hub_model, inspect_model
 from .requests import LaunchRequest
-from .scope import KernelHost
 from .settings import Settings
-from .sizing import BLOCK, CUDA_CONTEXT_MIB, MIB, MIN_MODEL_LEN, ModelSpec, inspect_hub_model, inspect_model
 from .state import STOPPABLE, is_routable
-from .supervisor import Supervisor
+from .store import ports
+from .store.ledger import SharedLedger, reap
+from .store.registry import Engine, Registry, Txn
 
 
 class ControlPlane:
@@ -136,7 +139,7 @@ class ControlPlane:
         """Launch a vLLM engine; with ``wait`` block until it is ready (or raise :class:`EngineFailed`).
         ``keep_alive``: how long it may go without a request before it gives its memory back
         (seconds or ``"10m"``; ``-1``: forever; ``None``: the server's default). ``kernel_id`` and
-        ``notebook``: who starts it; ``scope="kernel"``: stopped when that kernel ends (:mod:`.scope`).
+        ``notebook``: who starts it; ``scope="kernel"``: stopped when that kernel ends (:mod:`.engines.scope`).
         ``node``: run on that node of a cluster (default: the best fit over all nodes).
 
         Bad input raises :class:`BadRequest`; a port that is taken or a model that fits
@@ -216,7 +219,7 @@ class ControlPlane:
 
     def _place_on_host(self, engine: Engine, req: LaunchRequest, spec: ModelSpec, txn: Txn) -> None:
         """A machine without GPUs: the engine runs on CPU if its weights, KV cache and runtime fit the
-        free host memory (:mod:`.hostmem`), with a ``max_model_len`` its KV cache can hold."""
+        free host memory (:mod:`.gpus.hostmem`), with a ``max_model_len`` its KV cache can hold."""
         kv_gib = hostmem.kv_cache_gib({**os.environ, **self.settings.engine_env}, self.settings.cpu_kvcache_gib)
         host = hostmem.need(spec, req.dtype, kv_gib)
         what = f"model {req.model!r}"
@@ -330,7 +333,7 @@ class ControlPlane:
     def set_kernel_host(self, host: KernelHost | None) -> None:
         """Say how this control plane knows kernels (a Jupyter server's kernel manager; the kernel an
         embedded control plane runs in): engines may then be tied to a kernel (``scope="kernel"``)
-        and are stopped when it ends (see :mod:`.scope`)."""
+        and are stopped when it ends (see :mod:`.engines.scope`)."""
         self.supervisor.scope.host = host
 
     # ------------------------------------------------------------------ lifecycle (the Supervisor's)

@@ -7,10 +7,10 @@ from pathlib import Path
 
 from . import validation
 from .errors import BadRequest
-from .sizing import validate_model_name
+from .gpus.sizing import validate_model_name
 
 KINDS = ("llm", "embedding")
-SCOPES = ("server", "kernel")  # kernel: stopped when the kernel that started it ends (scope.py)
+SCOPES = ("server", "kernel")  # kernel: stopped when the kernel that started it ends (engines/scope.py)
 FOREVER = -1.0
 DTYPES = ("auto", "half", "float16", "bfloat16", "float", "float32")
 # Flags sage_nb sets itself; an engine may not override them through extra_args.

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from . import validation
 from .errors import BadRequest
-from .visible import parse_gpus
+from .gpus.visible import parse_gpus
 
 ENV_PREFIX = "SAGE_NB_"
 
@@ -103,7 +103,7 @@ def _port_range(text: str) -> tuple[int, int]:
 
 
 class GpuList(list):
-    """The type of the ``gpus`` setting: GPU indices and UUIDs (see :func:`.visible.parse_gpus`)."""
+    """The type of the ``gpus`` setting: GPU indices and UUIDs (see :func:`.gpus.visible.parse_gpus`)."""
 
 
 # how a value of each declared type is read from its environment variable

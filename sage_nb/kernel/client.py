@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable
 
 from sage_nb.controlplane import ControlPlane, EngineFailed, EngineState, LaunchRequest, NoBackend, NotFound, validation
-from sage_nb.controlplane.router import BackendIndex
+from sage_nb.controlplane.routing.router import BackendIndex
 
 from . import integrations
 from .connection import ServerInfo, this_kernel

@@ -1,6 +1,6 @@
 """One GPU's memory as a bar of who holds it, with a legend: the dashboard's GPU rows.
 
-With the control plane's ``parts`` (see ``controlplane/attribution.py``) the bar has a segment per
+With the control plane's ``parts`` (see ``controlplane/gpus/attribution.py``) the bar has a segment per
 engine of this user (shades of blue, by name), per engine of another sage_nb user (shades of
 orange, "user: engine"), per other process NVML lists (shades of purple, "user: command"), then
 what nothing accounts for (grey) and free (light green); what an engine has booked but does not

@@ -10,7 +10,7 @@ from IPython.display import display
 from traitlets import Unicode
 
 from sage_nb.controlplane import ControlPlaneError
-from sage_nb.controlplane.scope import started_from
+from sage_nb.controlplane.engines.scope import started_from
 from sage_nb.controlplane.state import ENDED
 
 from . import doctor, views

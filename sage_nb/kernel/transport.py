@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Protocol
 from urllib.parse import quote
 
 from sage_nb.controlplane import ControlPlane, LaunchRequest, NotFound, validation
-from sage_nb.controlplane.scope import KernelHost
+from sage_nb.controlplane.engines.scope import KernelHost
 
 from . import engine_http
 from .connection import ServerInfo, find_server, reachable, request, this_kernel

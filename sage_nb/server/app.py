@@ -14,8 +14,8 @@ from jupyter_server.extension.application import ExtensionApp
 from traitlets import Bool, Dict, Float, HasTraits, Int, List, TraitType, Tuple, Unicode, Union
 
 from sage_nb.controlplane import ControlPlane, ControlPlaneError, Settings
-from sage_nb.controlplane.router import Router
-from sage_nb.controlplane.scope import KernelHost
+from sage_nb.controlplane.engines.scope import KernelHost
+from sage_nb.controlplane.routing.router import Router
 from sage_nb.controlplane.settings import ENV_PREFIX, GpuList
 
 from .gateway import GATEWAY_HANDLERS, Watchdog

@@ -19,7 +19,7 @@ from tornado import web
 from tornado.ioloop import PeriodicCallback
 
 from sage_nb.controlplane import ControlPlaneError
-from sage_nb.controlplane.router import Router
+from sage_nb.controlplane.routing.router import Router
 
 from .handlers import ApiError, SageHandler
 from .upstream import Upstream, never_connected

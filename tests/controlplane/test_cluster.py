@@ -52,7 +52,7 @@ def gone(pids) -> bool:
 
 
 def test_cluster_inventory_lists_every_nodes_gpus(ray_cluster):
-    from sage_nb.controlplane.cluster import ClusterInventory
+    from sage_nb.controlplane.cluster.agents import ClusterInventory
 
     inv = ClusterInventory(ray_cluster.address)
     devices = inv.devices()
@@ -70,7 +70,7 @@ def test_cluster_inventory_lists_every_nodes_gpus(ray_cluster):
 
 def test_a_control_plane_with_a_ray_address_reads_the_cluster(ray_cluster, tmp_path):
     from sage_nb.controlplane import ControlPlane
-    from sage_nb.controlplane.cluster import ClusterInventory
+    from sage_nb.controlplane.cluster.agents import ClusterInventory
 
     cp = ControlPlane(state_dir=tmp_path, ray_address=ray_cluster.address, monitor=False)
     try:
@@ -84,7 +84,7 @@ def test_a_control_plane_with_a_ray_address_reads_the_cluster(ray_cluster, tmp_p
 
 
 def test_launcher_runs_engine_on_its_node_and_a_fresh_driver_stops_it(ray_cluster, tmp_path):
-    from sage_nb.controlplane import raylaunch
+    from sage_nb.controlplane.cluster import raylaunch
 
     port = free_port()
     log = tmp_path / "e1.log"
@@ -100,8 +100,8 @@ def test_launcher_runs_engine_on_its_node_and_a_fresh_driver_stops_it(ray_cluste
 
     # a fresh driver (as a restarted Jupyter server would be) finds it by name and stops the whole group
     code = ("import json, sys\n"
-            "from sage_nb.controlplane import cluster, raylaunch\n"
-            f"cluster.connect({ray_cluster.address!r})\n"
+            "from sage_nb.controlplane.cluster import agents, raylaunch\n"
+            f"agents.connect({ray_cluster.address!r})\n"
             "h = raylaunch.attach('e1')\n"
             "import ray\n"
             "print(json.dumps({'info': ray.get(h.info.remote()), 'left': raylaunch.stop('e1', grace=3)}))\n")
@@ -116,7 +116,7 @@ def test_launcher_runs_engine_on_its_node_and_a_fresh_driver_stops_it(ray_cluste
 def test_stop_kills_the_whole_process_group(ray_cluster, tmp_path):
     import ray
 
-    from sage_nb.controlplane import raylaunch
+    from sage_nb.controlplane.cluster import raylaunch
 
     sleeper = [sys.executable, "-c", "import subprocess, time; print('up', flush=True); "
                "subprocess.Popen(['sleep', '300']); time.sleep(300)", "--host", "0.0.0.0"]
@@ -132,7 +132,7 @@ def test_stop_kills_the_whole_process_group(ray_cluster, tmp_path):
 def test_a_killed_launcher_leaves_an_orphan_that_is_found_and_reaped(ray_cluster, tmp_path):
     import ray
 
-    from sage_nb.controlplane import raylaunch
+    from sage_nb.controlplane.cluster import raylaunch
 
     port = free_port()
     handle, info = raylaunch.launch("e3", ray_cluster.n1, 0, stub_cmd(port),
@@ -149,7 +149,7 @@ def test_a_killed_launcher_leaves_an_orphan_that_is_found_and_reaped(ray_cluster
 
 
 def test_a_removed_node_leaves_the_inventory(ray_cluster):
-    from sage_nb.controlplane.cluster import ClusterInventory
+    from sage_nb.controlplane.cluster.agents import ClusterInventory
 
     inv = ClusterInventory(ray_cluster.address, timeout=2.0)
     assert len(inv.devices()) == 3

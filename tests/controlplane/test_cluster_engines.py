@@ -52,7 +52,7 @@ def shared(tmp_path_factory):
 def test_idle_engines_on_nodes_are_unloaded_and_woken_again(ray_cluster, shared):
     """Idle engines on a node: unloaded after their keep-alive (process gone on the node, booking
     released, record kept), woken by the one placement path, and unloaded on demand."""
-    from sage_nb.controlplane import raylaunch
+    from sage_nb.controlplane.cluster import raylaunch
 
     small = make_model_dir(shared / "idle-model", GIB)
     cp = control_plane(ray_cluster.address, shared / "idle-state", port_range=(18500, 18599))
@@ -125,7 +125,7 @@ def test_engines_are_placed_launched_stopped_and_rediscovered_on_their_nodes(ray
         # before its booking is released (by the monitor or by discovery, whichever comes first)
         import ray
 
-        from sage_nb.controlplane import raylaunch
+        from sage_nb.controlplane.cluster import raylaunch
 
         three = cp.start_engine(str(small), name="three", timeout=60)
         ray.kill(raylaunch.attach(three["id"]), no_restart=True)

@@ -148,7 +148,7 @@ def test_plan_places_without_booking(stub_cp, model_dir):
 
 
 def test_unwritable_state_dir_is_a_clear_error(tmp_path):
-    from sage_nb.controlplane.registry import StateError
+    from sage_nb.controlplane.store.registry import StateError
 
     blocked = tmp_path / "blocked"
     blocked.write_text("a file where the state dir should be")

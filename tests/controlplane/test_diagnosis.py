@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from sage_nb.controlplane import diagnosis
+from sage_nb.controlplane.engines import diagnosis
 
 TRACE = """Traceback (most recent call last):
   File "/venv/lib/python3.11/site-packages/vllm/engine/arg_utils.py", line 1955, in create_model_config

@@ -7,8 +7,9 @@ from __future__ import annotations
 import psutil
 import pytest
 
-from sage_nb.controlplane import BadRequest, Conflict, ControlPlane, hostmem
-from sage_nb.controlplane.registry import Engine
+from sage_nb.controlplane import BadRequest, Conflict, ControlPlane
+from sage_nb.controlplane.gpus import hostmem
+from sage_nb.controlplane.store.registry import Engine
 
 from ..conftest import GIB, STUB_PATH, leases
 

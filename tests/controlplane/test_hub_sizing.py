@@ -12,7 +12,7 @@ import pytest
 
 from sage_nb.controlplane import BadRequest
 from sage_nb.controlplane.errors import NoRoom
-from sage_nb.controlplane.sizing import inspect_hub_model
+from sage_nb.controlplane.gpus.sizing import inspect_hub_model
 from sage_nb.testing.hub import HubModel, LocalHub
 
 from ..conftest import BUSY_BOX, GIB, leases, make_model_dir

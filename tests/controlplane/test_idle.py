@@ -8,9 +8,10 @@ import time
 import psutil
 import pytest
 
-from sage_nb.controlplane import BadRequest, Conflict, LaunchRequest, probes
-from sage_nb.controlplane.ports import bindable
-from sage_nb.controlplane.process import group_members
+from sage_nb.controlplane import BadRequest, Conflict, LaunchRequest
+from sage_nb.controlplane.engines import probes
+from sage_nb.controlplane.engines.process import group_members
+from sage_nb.controlplane.store.ports import bindable
 
 from ..conftest import STUB_PATH, leases, wait_for
 

@@ -18,8 +18,8 @@ import psutil
 import pytest
 
 from sage_nb import admin
-from sage_nb.controlplane import ledger
-from sage_nb.controlplane.ledger import LedgerError, SharedLedger
+from sage_nb.controlplane.store import ledger
+from sage_nb.controlplane.store.ledger import LedgerError, SharedLedger
 
 # these create Unix users and groups: they run as root, as CI does
 
@@ -142,7 +142,7 @@ def test_admin_release_stale_judges_only_this_machines_gpus(tmp_path, group, cap
 def test_files_get_their_modes_under_any_umask_and_the_umask_is_left_alone(tmp_path, group, monkeypatch):
     """The process's umask is shared by every thread of a server: changing it for a moment, from
     several threads, once left it at 077 for good (and every file the server made after private)."""
-    from sage_nb.controlplane.registry import Registry
+    from sage_nb.controlplane.store.registry import Registry
 
     directory = tmp_path / "ledger"
     directory.mkdir()

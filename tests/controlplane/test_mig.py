@@ -8,7 +8,7 @@ from types import SimpleNamespace
 import pytest
 
 from sage_nb.controlplane import BadRequest, Settings
-from sage_nb.controlplane.gpus import MIB, GpuInventory
+from sage_nb.controlplane.gpus.inventory import MIB, GpuInventory
 
 from ..conftest import leases
 

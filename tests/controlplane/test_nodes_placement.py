@@ -6,8 +6,8 @@ import pytest
 
 from sage_nb.controlplane import BadRequest, Settings
 from sage_nb.controlplane.errors import NoRoom
-from sage_nb.controlplane.gpus import GpuDevice
-from sage_nb.controlplane.placement import best_available, choose_gpus, gpu_views
+from sage_nb.controlplane.gpus.inventory import GpuDevice
+from sage_nb.controlplane.gpus.placement import best_available, choose_gpus, gpu_views
 
 from ..conftest import leases
 

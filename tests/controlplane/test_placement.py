@@ -1,8 +1,8 @@
 import pytest
 
 from sage_nb.controlplane.errors import BadRequest, Conflict
-from sage_nb.controlplane.gpus import GpuDevice, GpuInventory
-from sage_nb.controlplane.placement import (
+from sage_nb.controlplane.gpus.inventory import GpuDevice, GpuInventory
+from sage_nb.controlplane.gpus.placement import (
     best_available,
     choose_gpus,
     gpu_views,

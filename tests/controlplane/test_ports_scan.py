@@ -6,10 +6,10 @@ import time
 
 import pytest
 
+from sage_nb.controlplane.engines.scan import find_orphans, parse_cmdline
 from sage_nb.controlplane.errors import Conflict
-from sage_nb.controlplane.ports import bindable, lease
-from sage_nb.controlplane.registry import Engine, Registry
-from sage_nb.controlplane.scan import find_orphans, parse_cmdline
+from sage_nb.controlplane.store.ports import bindable, lease
+from sage_nb.controlplane.store.registry import Engine, Registry
 
 
 @pytest.fixture

@@ -3,7 +3,7 @@
 import time
 
 from sage_nb.controlplane import BadRequest, ControlPlane
-from sage_nb.controlplane.probes import OK, STUCK, progress, run_probe
+from sage_nb.controlplane.engines.probes import OK, STUCK, progress, run_probe
 
 from ..conftest import STUB_PATH, wait_for
 

@@ -8,7 +8,7 @@ import sys
 from contextlib import contextmanager
 
 from sage_nb.controlplane import ControlPlane
-from sage_nb.controlplane.probes import healthy
+from sage_nb.controlplane.engines.probes import healthy
 from sage_nb.controlplane.validation import is_engine_name
 
 from ..conftest import BUSY_BOX, STUB_PATH, wait_for

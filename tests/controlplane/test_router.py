@@ -4,8 +4,8 @@ from collections import Counter
 import pytest
 
 from sage_nb.controlplane.errors import BadRequest, NotFound
-from sage_nb.controlplane.registry import Engine, Registry
-from sage_nb.controlplane.router import NoBackend, Router
+from sage_nb.controlplane.routing.router import NoBackend, Router
+from sage_nb.controlplane.store.registry import Engine, Registry
 
 
 @pytest.fixture
@@ -43,7 +43,7 @@ def test_by_name_path_or_id_never_by_port_and_errors(router):
 
 
 def test_own_changes_route_at_once_and_another_process_within_recheck(router, tmp_path):
-    from sage_nb.controlplane import router as router_mod
+    from sage_nb.controlplane.routing import router as router_mod
 
     assert router.is_ready("id0")
     router.registry.update("id0", state="stopping")  # this process's own commit: seen by the next pick

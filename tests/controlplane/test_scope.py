@@ -10,8 +10,8 @@ import psutil
 import pytest
 
 from sage_nb.controlplane import BadRequest, LaunchRequest
-from sage_nb.controlplane.ports import bindable
-from sage_nb.controlplane.scope import KernelHost
+from sage_nb.controlplane.engines.scope import KernelHost
+from sage_nb.controlplane.store.ports import bindable
 
 from ..conftest import BUSY_BOX, leases, wait_for
 

@@ -13,8 +13,8 @@ import psutil
 import pytest
 
 from sage_nb.controlplane import BadRequest, ControlPlane, NotFound
+from sage_nb.controlplane.engines.process import group_members, is_alive
 from sage_nb.controlplane.errors import NoRoom
-from sage_nb.controlplane.process import group_members, is_alive
 
 from ..conftest import STUB_PATH, wait_for
 

@@ -1,7 +1,7 @@
 import pytest
 
 from sage_nb.controlplane.errors import BadRequest
-from sage_nb.controlplane.sizing import (
+from sage_nb.controlplane.gpus.sizing import (
     BLOCK,
     CUDA_CONTEXT_MIB,
     OVERHEAD_MIB,
@@ -89,6 +89,6 @@ def test_valid_hub_ids(name):
 def test_a_sentence_transformers_limit_caps_the_context(minilm):
     """vLLM derives max_model_len from sentence_bert_config.json's max_seq_length (256 for MiniLM,
     whose config says 512 positions) and refuses a longer --max-model-len."""
-    from sage_nb.controlplane.sizing import inspect_model
+    from sage_nb.controlplane.gpus.sizing import inspect_model
 
     assert inspect_model(str(minilm)).max_position_embeddings == 256

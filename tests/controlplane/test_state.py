@@ -1,8 +1,8 @@
 import pytest
 
 from sage_nb.controlplane.errors import IllegalTransition, NotFound
-from sage_nb.controlplane.registry import Engine, Registry
 from sage_nb.controlplane.state import EngineState, check_transition
+from sage_nb.controlplane.store.registry import Engine, Registry
 
 LEGAL = [("starting", "ready"), ("ready", "stopping"), ("stopping", "stopped"),
          ("starting", "failed"), ("ready", "failed"), ("starting", "stopping"),

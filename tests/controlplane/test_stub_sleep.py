@@ -11,7 +11,7 @@ import sys
 import threading
 import time
 
-from sage_nb.controlplane.probes import call
+from sage_nb.controlplane.engines.probes import call
 
 from ..conftest import STUB_PATH, wait_for
 

@@ -9,7 +9,7 @@ import time
 import pytest
 
 from sage_nb.controlplane import EngineFailed
-from sage_nb.controlplane.process import group_members
+from sage_nb.controlplane.engines.process import group_members
 
 from ..conftest import BUSY_BOX, STUB_PATH, leases, wait_for
 
@@ -83,7 +83,7 @@ def test_port_taken_between_lease_and_bind_moves_to_a_fresh_port(stub_cp, model_
 
 
 def test_engine_command_carries_the_derived_flags():
-    from sage_nb.controlplane.process import engine_command
+    from sage_nb.controlplane.engines.process import engine_command
 
     cmd = engine_command("py", "/m", 18001, "m", kind="embedding", tensor_parallel_size=2, max_model_len=4096,
                          gpu_memory_utilization=0.4567, extra_args=["--seed", "1"])

@@ -5,8 +5,8 @@ setting; engines get their devices by UUID and adoption maps a process's UUIDs b
 import pytest
 
 from sage_nb.controlplane import BadRequest, Conflict, ControlPlane, Settings
-from sage_nb.controlplane.gpus import GpuInventory
-from sage_nb.controlplane.visible import parse_gpus
+from sage_nb.controlplane.gpus.inventory import GpuInventory
+from sage_nb.controlplane.gpus.visible import parse_gpus
 
 from ..conftest import leases
 from .test_reconcile import hand_started

@@ -15,8 +15,8 @@ import psutil
 import pytest
 
 from sage_nb.controlplane import ControlPlane
-from sage_nb.controlplane.ports import bindable
-from sage_nb.controlplane.process import group_members
+from sage_nb.controlplane.engines.process import group_members
+from sage_nb.controlplane.store.ports import bindable
 
 from ..conftest import BUSY_BOX
 
@@ -64,7 +64,7 @@ def world(tmp_path_factory, tiny_llama, minilm):
 
 
 def _answers(port: int) -> bool:
-    from sage_nb.controlplane.probes import healthy
+    from sage_nb.controlplane.engines.probes import healthy
 
     return healthy("127.0.0.1", port)
 

@@ -19,7 +19,7 @@ import psutil
 import pytest
 
 from sage_nb.controlplane import ControlPlane
-from sage_nb.controlplane.process import group_members
+from sage_nb.controlplane.engines.process import group_members
 
 from ..conftest import BUSY_BOX, STUB_PATH
 from ..serverproc import TOKEN, Server, free_port, wait_ready

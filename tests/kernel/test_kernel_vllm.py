@@ -11,7 +11,7 @@ from IPython.core.interactiveshell import InteractiveShell
 from jupyter_client import BlockingKernelClient
 
 from sage_nb import client as default_client
-from sage_nb.controlplane.process import group_members
+from sage_nb.controlplane.engines.process import group_members
 from sage_nb.kernel.client import Client
 
 from ..serverproc import Server, free_port

@@ -12,8 +12,9 @@ import openai
 import psutil
 import pytest
 
-from sage_nb.controlplane import ControlPlane, probes
-from sage_nb.controlplane.process import group_members
+from sage_nb.controlplane import ControlPlane
+from sage_nb.controlplane.engines import probes
+from sage_nb.controlplane.engines.process import group_members
 
 from ..serverproc import TOKEN, Server, running_server, wait_ready
 

@@ -10,9 +10,10 @@ from datetime import datetime
 
 import pytest
 
-from sage_nb.controlplane import ControlPlane, probes
-from sage_nb.controlplane.ports import bindable
-from sage_nb.controlplane.router import RECHECK_S
+from sage_nb.controlplane import ControlPlane
+from sage_nb.controlplane.engines import probes
+from sage_nb.controlplane.routing.router import RECHECK_S
+from sage_nb.controlplane.store.ports import bindable
 
 from ..conftest import STUB_PATH, leases
 from .test_rest import call, error, wait_state

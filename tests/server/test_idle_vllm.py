@@ -13,7 +13,7 @@ import openai
 import psutil
 import pytest
 
-from sage_nb.controlplane.ports import bindable
+from sage_nb.controlplane.store.ports import bindable
 from sage_nb.kernel.client import Client
 
 from ..serverproc import TOKEN, running_server, wait_ready

@@ -28,8 +28,8 @@ import psutil
 import pytest
 
 from sage_nb.controlplane import ControlPlane
-from sage_nb.controlplane.ledger import SharedLedger
-from sage_nb.controlplane.process import group_members
+from sage_nb.controlplane.engines.process import group_members
+from sage_nb.controlplane.store.ledger import SharedLedger
 
 from ..conftest import GIB, make_model_dir, wait_for
 from ..multiuser import make_group, make_user, remove_user, users_python

@@ -13,7 +13,7 @@ import psutil
 import pytest
 from jupyter_client import BlockingKernelClient
 
-from sage_nb.controlplane.ports import bindable
+from sage_nb.controlplane.store.ports import bindable
 
 from ..kernel.test_kernel_vllm import execute, text_of
 from ..serverproc import running_server, wait_ready

@@ -4,7 +4,7 @@ Supervisor's one ``stop_all``; without it, engines outlive the server and are re
 import signal
 
 from sage_nb.controlplane import ControlPlane
-from sage_nb.controlplane.process import group_members
+from sage_nb.controlplane.engines.process import group_members
 
 from ..conftest import leases
 from ..serverproc import running_server, stub_model, wait_ready

@@ -8,11 +8,11 @@ import time
 import uuid
 from dataclasses import dataclass, field
 
-from . import ports
-from .registry import Engine, Txn
+from ..state import LIVE, EngineState
+from ..store import ports
+from ..store.registry import Engine, Txn
+from ..validation import clean_name
 from .scan import FoundServer
-from .state import LIVE, EngineState
-from .validation import clean_name
 
 SAME_START = 0.5  # seconds: a pid whose start time differs more is another process
 

@@ -13,8 +13,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..errors import BadRequest
 from . import hubmeta
-from .errors import BadRequest
 
 MIB = 1024 * 1024
 OVERHEAD_MIB = 1024          # activations, CUDA graphs, sampler buffers

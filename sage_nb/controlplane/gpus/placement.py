@@ -8,8 +8,8 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from .errors import BadRequest, NoRoom
-from .gpus import GpuDevice
+from ..errors import BadRequest, NoRoom
+from .inventory import GpuDevice
 
 
 @dataclass

@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping
 
-from .errors import BadRequest
+from ..errors import BadRequest
 
 TRUE = {"1", "ON", "YES", "TRUE"}
 

@@ -26,8 +26,8 @@ from collections.abc import Collection, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from . import process
-from .errors import StateError
+from ..engines import process
+from ..errors import StateError
 
 LEDGER_FILE = "ledger.sqlite3"
 NETWORK_FS = ("nfs", "nfs4", "cifs", "smb3", "smbfs", "fuse.sshfs", "9p", "lustre", "gpfs", "ceph")

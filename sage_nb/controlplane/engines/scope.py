@@ -33,11 +33,11 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from ..errors import BadRequest, ControlPlaneError
+from ..requests import LaunchRequest
+from ..state import ENDED, STOPPABLE
+from ..store.registry import Engine
 from . import process
-from .errors import BadRequest, ControlPlaneError
-from .registry import Engine
-from .requests import LaunchRequest
-from .state import ENDED, STOPPABLE
 
 log = logging.getLogger(__name__)
 SETTLE_S = 10.0  # how long a kernel its server still lists may be without a process (mid-restart)

@@ -22,10 +22,10 @@ from pathlib import Path
 
 import psutil
 
+from ..errors import BadRequest, Conflict, EngineFailed, NoRoom
+from ..state import EngineState
+from ..store.registry import Engine
 from . import probes
-from .errors import BadRequest, Conflict, EngineFailed, NoRoom
-from .registry import Engine
-from .state import EngineState
 
 log = logging.getLogger(__name__)
 GUARD_DIR = str(Path(__file__).resolve().parents[1] / "engine_guard")

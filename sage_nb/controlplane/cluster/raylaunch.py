@@ -17,8 +17,8 @@ import threading
 import time
 from pathlib import Path
 
-from . import process
-from .cluster import (
+from ..engines import process
+from .agents import (
     LAUNCHER_ENV,
     NAMESPACE,
     NODE_ENV,
@@ -29,7 +29,7 @@ from .cluster import (
     pinned,
     remote_class,
 )
-from .cluster import ray_module as _ray
+from .agents import ray_module as _ray
 
 ENGINE_PREFIX = "sage_nb-engine-"
 # Ray SIGKILLs an actor's direct children when the actor dies, which would kill the api_server and

@@ -19,10 +19,10 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
-from .errors import NotFound, StateError
+from ..errors import NotFound, StateError
+from ..public import public_model
+from ..state import EngineState, check_transition
 from .ledger import SharedLedger, create_mode
-from .public import public_model
-from .state import EngineState, check_transition
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS engines (
@@ -98,7 +98,7 @@ class Engine:
     weights_mib: int = 0
     host_mib: int = 0  # on a machine without GPUs: the host memory it was sized to take
     request: dict = field(default_factory=dict)  # the launch request, to launch it again when unloaded
-    # who started it, and an engine tied to its kernel (scope "kernel": see scope.py)
+    # who started it, and an engine tied to its kernel (scope "kernel": see engines/scope.py)
     kernel_id: str | None = None
     notebook: str | None = None  # the notebook's path as Jupyter knows it
     scope: str = "server"

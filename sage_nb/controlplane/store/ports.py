@@ -6,7 +6,7 @@ import socket
 
 import psutil
 
-from .errors import Conflict
+from ..errors import Conflict
 from .registry import Txn
 
 

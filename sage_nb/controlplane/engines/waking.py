@@ -11,11 +11,12 @@ from __future__ import annotations
 import threading
 import time
 
-from . import placement, ports
-from .errors import Conflict, EngineFailed, NoRoom, WakeTimeout
-from .registry import Engine
-from .requests import LaunchRequest
-from .state import EngineState
+from ..errors import Conflict, EngineFailed, NoRoom, WakeTimeout
+from ..gpus import placement
+from ..requests import LaunchRequest
+from ..state import EngineState
+from ..store import ports
+from ..store.registry import Engine
 
 WAITING = (EngineState.WAKING, EngineState.STARTING)
 

@@ -21,7 +21,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 
-from .errors import BadRequest
+from ..errors import BadRequest
 
 
 @dataclass

@@ -20,9 +20,9 @@ import threading
 
 import psutil
 
-from . import process, scan
-from .gpus import GpuDevice, GpuInventory
-from .settings import parse_fake_gpus
+from ..engines import process, scan
+from ..gpus.inventory import GpuDevice, GpuInventory
+from ..settings import parse_fake_gpus
 
 NAMESPACE = "sage_nb"
 AGENT_PREFIX = "sage_nb-agent-"

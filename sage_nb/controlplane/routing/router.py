@@ -13,10 +13,10 @@ import threading
 import time
 from collections import defaultdict
 
-from .errors import BadRequest, NoBackend, NotFound
-from .idle import Usage
-from .registry import Engine, Registry
-from .state import is_routable, is_wakeable
+from ..engines.idle import Usage
+from ..errors import BadRequest, NoBackend, NotFound
+from ..state import is_routable, is_wakeable
+from ..store.registry import Engine, Registry
 
 KIND_LABEL = {"llm": "LLM", "embedding": "embedding"}
 START_HINT = {"llm": "%llm start <model>", "embedding": "%llm start <model> --embedding"}

@@ -17,13 +17,14 @@ import threading
 import time
 from pathlib import Path
 
-from . import diagnosis, idle, ports, probes, process, reconcile, scan, scope
-from .errors import Conflict, EngineFailed
-from .gpus import GpuInventory
-from .nodeprocs import NodeProcesses
-from .registry import Engine, Registry
-from .settings import Settings
-from .state import ENDED, LIVE, STOPPABLE, EngineState
+from ..cluster.nodeprocs import NodeProcesses
+from ..errors import Conflict, EngineFailed
+from ..gpus.inventory import GpuInventory
+from ..settings import Settings
+from ..state import ENDED, LIVE, STOPPABLE, EngineState
+from ..store import ports
+from ..store.registry import Engine, Registry
+from . import diagnosis, idle, probes, process, reconcile, scan, scope
 
 log = logging.getLogger(__name__)
 LAUNCH_GRACE = 30.0  # a record without a pid this long after creation lost its launcher
@@ -347,8 +348,7 @@ class Supervisor:
         finish interrupted stops. Returns ``{"reattached", "adopted", "failed", "orphans"}``."""
         report: dict[str, list] = {"reattached": [], "adopted": [], "failed": [], "orphans": []}
         mine = str(self.settings.db_path.resolve())
-        found = reconcile.match(self.registry.engines(), scan.find_servers(), mine,
-                                self.settings.adopt_unrecorded)
+        found = reconcile.match(self.registry.engines(), scan.find_servers(), mine, self.settings.adopt_unrecorded)
         for engine in self.registry.engines():
             if engine.state == EngineState.UNLOADED and engine.pid is not None:  # its unloader died
                 self.idle.finish_unload(engine)
