@@ -3,6 +3,12 @@
 - ``init-shared DIR --group GROUP``: create the machine-wide GPU ledger: DIR owned by root and GROUP,
   mode 2770 (setgid, so every file made there gets GROUP), the database 0660 in WAL mode; then check.
 - ``check DIR``: say what stops the group's users from sharing the ledger, or that nothing does.
+- ``add-key USER --service-dir DIR [--key-file PATH]``: issue USER a key for a standalone box service: its
+  hash goes to the service's key store (DIR, the service's state directory), the key to USER's key file
+  (default ``/etc/sage_nb/keys/USER``: USER's own, 0400, in a root-owned folder nobody may list).
+- ``revoke-key USER --service-dir DIR``: revoke every key of USER (refused from the next request on)
+  and remove their key file.
+- ``list-keys --service-dir DIR``: the users with keys.
 - ``release DIR [--engine ID] [--user NAME] [--stale]``: remove bookings (any user's). ``--stale``
   judges only the bookings of this machine's GPUs by their pids; those of GPUs it does not have (the
   other nodes of a Ray cluster, where those pids live) are kept, and said so.
@@ -13,12 +19,13 @@ from __future__ import annotations
 import argparse
 import grp
 import os
+import pwd
 import sys
 from pathlib import Path
 
 from sage_nb.controlplane.gpus.inventory import GpuInventory
 from sage_nb.controlplane.settings import ENV_PREFIX, parse_fake_gpus
-from sage_nb.controlplane.store import ledger
+from sage_nb.controlplane.store import keys, ledger
 
 
 def init_shared(directory: Path, group: str) -> list[str]:
@@ -55,7 +62,17 @@ def main(argv: list[str] | None = None) -> int:
     rel.add_argument("--engine", help="this engine's bookings")
     rel.add_argument("--user", help="every booking of this user")
     rel.add_argument("--stale", action="store_true", help="those whose process is gone")
+    for name, text in (("add-key", "issue a user a key for a standalone box service"),
+                       ("revoke-key", "revoke every key of a user"), ("list-keys", "the users with keys")):
+        cmd = sub.add_parser(name, help=text)
+        if name != "list-keys":
+            cmd.add_argument("user")
+        cmd.add_argument("--service-dir", type=Path, required=True, help="the box service's state directory")
+        if name != "list-keys":
+            cmd.add_argument("--key-file", type=Path, help="the user's key file (default /etc/sage_nb/keys/USER)")
     args = parser.parse_args(argv)
+    if args.command in ("add-key", "revoke-key", "list-keys"):
+        return box_keys(args)
     if args.command == "init-shared":
         problems = init_shared(args.directory, args.group)
     elif args.command == "check":
@@ -67,6 +84,34 @@ def main(argv: list[str] | None = None) -> int:
     if not problems:
         print(f"sage_nb admin: {args.directory} is ready: a GPU ledger every user of its group can share")
     return 1 if problems else 0
+
+
+def box_keys(args) -> int:
+    """``add-key``, ``revoke-key`` and ``list-keys``."""
+    service_dir = args.service_dir
+    if not service_dir.is_dir():
+        raise SystemExit(f"sage_nb admin: no box service state directory {service_dir} (the service's --state-dir)")
+    store = keys.KeyStore(service_dir)
+    owner = service_dir.stat().st_uid  # the key store stays the service user's own
+    if args.command == "list-keys":
+        for user, count in sorted(store.users().items()):
+            print(f"{user}\t{count} key(s)")
+        return 0
+    try:
+        entry = pwd.getpwnam(args.user)
+    except KeyError:
+        raise SystemExit(f"sage_nb admin: no user {args.user!r} on this machine") from None
+    key_file = args.key_file or keys.DEFAULT_KEY_DIR / args.user
+    if args.command == "revoke-key":
+        count = store.revoke(args.user, owner)
+        key_file.unlink(missing_ok=True)
+        print(f"revoked {count} key(s) of {args.user}; removed {key_file}")
+        return 0
+    key = store.issue(args.user, owner)
+    keys.write_key_file(key_file, key, entry.pw_uid, entry.pw_gid)
+    print(f"issued {args.user} a key: {key_file} (theirs alone, 0400); their server reads it there"
+          + ("" if key_file == keys.DEFAULT_KEY_DIR / args.user else f" once box_key_file = {key_file}"))
+    return 0
 
 
 def this_machines_gpus() -> set[str]:
@@ -105,5 +150,5 @@ def release(args) -> int:
 if __name__ == "__main__":
     try:
         sys.exit(main())
-    except ledger.LedgerError as e:
+    except (ledger.LedgerError, keys.KeyStoreError) as e:
         sys.exit(f"sage_nb admin: {e.message}")

@@ -38,6 +38,8 @@ class LaunchRequest:
     kernel_id: str | None = None  # the kernel that starts it (the kernel client fills it in)
     notebook: str | None = None  # that kernel's notebook, as Jupyter knows its path
     scope: str = "server"  # "kernel": stopped when that kernel shuts down
+    shared: bool = False  # published by the box service to every user of the box (a user's server forwards it)
+    publisher: str | None = None  # who published a shared engine: set by the box service, never by a caller
 
     def __post_init__(self) -> None:
         validate_model_name(self.model)
@@ -73,6 +75,13 @@ class LaunchRequest:
         if self.scope == "kernel" and self.kernel_id is None:
             raise BadRequest("scope 'kernel' needs the kernel_id of the kernel it is tied to "
                              "(%llm start in a Jupyter kernel sends it)")
+        if not isinstance(self.shared, bool):
+            raise BadRequest(f"shared must be true or false, got {self.shared!r}")
+        if self.shared and self.scope == "kernel":
+            raise BadRequest("a shared engine serves every user of the box: it cannot be tied to one kernel "
+                             "(scope 'kernel')")
+        if self.publisher is not None:
+            validation.user_name(self.publisher)
         if self.keep_alive is not None:
             seconds = validation.duration("keep_alive", self.keep_alive)
             self.keep_alive = FOREVER if seconds is None else seconds

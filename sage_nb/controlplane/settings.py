@@ -188,6 +188,12 @@ class Settings:
     ray_address: str | None = setting(None, "A Ray cluster to place engines on, across its nodes "
                                       "('auto', or the head's host:port; needs the ray extra); empty: "
                                       "this machine only, and ray is never imported.", str)
+    box_service: str | None = setting(None, "The box service of this machine (its URL, e.g. "
+                                      "http://127.0.0.1:8765/services/llm/): its shared engines are listed and "
+                                      "used beside this user's own; empty: private engines only.", str)
+    box_key_file: Path | None = setting(None, "The key an admin issued this user for a standalone box service "
+                                        "(python -m sage_nb.admin add-key); empty: $JUPYTERHUB_API_TOKEN under "
+                                        "JupyterHub, else /etc/sage_nb/keys/<user> when it exists.", Path)
     adopt_unrecorded: bool = setting(True, "Adopt vLLM servers of this user that sage_nb did not "
                                      "start (found by their command line at discovery).")
 
@@ -203,6 +209,8 @@ class Settings:
         self.gpus = parse_gpus(self.gpus)
         self.keep_alive = validation.duration("keep_alive", self.keep_alive or None)
         self.shared_ledger = Path(self.shared_ledger).expanduser() if self.shared_ledger else None
+        self.box_key_file = Path(self.box_key_file).expanduser() if self.box_key_file else None
+        self.box_service = validation.service_url(self.box_service) if self.box_service else None
         self._check()
 
     def _check(self) -> None:
@@ -239,6 +247,7 @@ class Settings:
     def to_model(self) -> dict:
         """The effective settings as JSON (engine_env values are not shown: they may hold secrets)."""
         model = {f.name: getattr(self, f.name) for f in fields(self)}
+        model.update(box_key_file=self.box_key_file and str(self.box_key_file))
         model.update(state_dir=str(self.state_dir), db_path=str(self.db_path), log_dir=str(self.log_dir),
                      port_range=list(self.port_range), engine_env=sorted(self.engine_env))
         return model

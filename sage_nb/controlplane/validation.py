@@ -116,3 +116,29 @@ def duration(name: str, value) -> float | None:
         raise BadRequest(f"{name} must be at most {MAX_DURATION_S // 86400} days (or -1 for forever), "
                          f"got {value!r}")
     return seconds
+
+
+def service_url(value) -> str:
+    """The box service's URL: ``http(s)://host:port/prefix/``, ending with a slash."""
+    from urllib.parse import urlsplit
+
+    text = str(value).strip()
+    parts = urlsplit(text)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise BadRequest(f"box_service must be an http(s) URL such as http://127.0.0.1:8765/services/llm/, "
+                         f"got {value!r}")
+    try:
+        parts.port  # noqa: B018 - raises on a malformed port
+    except ValueError:
+        raise BadRequest(f"box_service has a bad port: {value!r}") from None
+    return text.rstrip("/") + "/"
+
+
+USER_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.@+-]{0,63}")
+
+
+def user_name(value) -> str:
+    """A user's name as the box service knows it (a Unix or JupyterHub user name)."""
+    if not isinstance(value, str) or not USER_NAME.fullmatch(value):
+        raise BadRequest(f"not a user name: {value!r}")
+    return value

@@ -18,6 +18,8 @@ from sage_nb.controlplane.engines.scope import KernelHost
 from sage_nb.controlplane.routing.router import Router
 from sage_nb.controlplane.settings import ENV_PREFIX, GpuList
 
+from .box.link import BoxLink
+from .box.service import BoxPolicy, salt_secret
 from .gateway import GATEWAY_HANDLERS, Watchdog
 from .handlers import REST_HANDLERS, NoRouteHandler
 from .upstream import Upstream
@@ -70,6 +72,13 @@ class SageNBApp(ExtensionApp, SettingTraits):
                    "full garbage collections (gc.freeze). A full collection of a Jupyter server scans "
                    "some 230,000 long-lived objects and stalls every request and stream for 0.2-0.3 s, "
                    "several times a minute under gateway load.").tag(config=True)
+    box_mode = Bool(
+        False, help="This server is the box service (python -m sage_nb.service sets it): its engines are "
+                    "shared with every user of the box, each request is its caller's (docs/shared-server.md)."
+    ).tag(config=True)
+    box_publishers = Unicode(
+        "", help="On the box service: the group (a JupyterHub group or a Unix group) whose members may publish, "
+                 "stop, sleep and read the logs of shared engines, besides admins.").tag(config=True)
     stop_engines_on_shutdown = Bool(
         False, help="Stop every engine when the server stops (default: they keep running and "
                     "are re-attached at the next start).").tag(config=True)
@@ -98,6 +107,10 @@ class SageNBApp(ExtensionApp, SettingTraits):
             "sage_nb_request_timeout": self.request_timeout,
             "sage_nb_open_tokenizer": self.open_tokenizer,
         })
+        if self.box_mode:
+            self.settings["sage_nb_box"] = BoxPolicy(self.box_publishers, salt_secret(cp.settings.state_dir))
+        elif cp.settings.box_service:
+            self.settings["sage_nb_link"] = BoxLink(cp.settings.box_service, cp.settings.box_key_file)
         self.discovery: asyncio.Future | None = None
         self.frozen = 0  # objects exempted from garbage collection once the server was up
         for logger in {self.log, self.serverapp.log, logging.getLogger("tornado")}:
@@ -130,6 +143,8 @@ class SageNBApp(ExtensionApp, SettingTraits):
         if getattr(self, "watchdog", None) is not None:
             self.watchdog.stop()
             await self.settings["sage_nb_upstream"].close()
+        if self.settings.get("sage_nb_link") is not None:
+            await self.settings["sage_nb_link"].close()
         cp = getattr(self, "control_plane", None)
         if cp is None:
             return

@@ -18,9 +18,11 @@ from jupyter_server.auth.decorator import allow_unauthenticated, authorized
 from tornado import web
 from tornado.ioloop import PeriodicCallback
 
-from sage_nb.controlplane import ControlPlaneError
+from sage_nb.controlplane import ControlPlaneError, is_routable
 from sage_nb.controlplane.routing.router import Router
+from sage_nb.controlplane.state import is_wakeable
 
+from .box.link import BoxUnavailable
 from .handlers import ApiError, SageHandler
 from .upstream import Upstream, never_connected
 
@@ -82,8 +84,26 @@ class ModelsHandler(GatewayHandler):
 
     @web.authenticated
     @authorized
-    def get(self) -> None:
-        self.reply({"object": "list", "data": self.settings["sage_nb_router"].models()})
+    async def get(self) -> None:
+        models = self.settings["sage_nb_router"].models()
+        link = self.settings.get("sage_nb_link")
+        if link is not None:  # the box's shared models, where the user has no engine of their own by that name
+            models += shared_models(await link.engines(), {m["id"] for m in models})
+        self.reply({"object": "list", "data": models})
+
+
+def shared_models(engines: list[dict], taken: set[str]) -> list[dict]:
+    """``v1/models`` entries of the box's shared engines (ready or idle), marked shared, with their publisher."""
+    out: dict[str, dict] = {}
+    for e in engines:
+        if e["served_model_name"] in taken or not (is_routable(e) or is_wakeable(e)):
+            continue
+        entry = out.setdefault(e["served_model_name"], {
+            "id": e["served_model_name"], "object": "model", "owned_by": e.get("publisher") or "sage_nb",
+            "kind": e["kind"], "root": e["model"], "created": int(e.get("ready_at") or e["created_at"]),
+            "shared": True, "engines": []})
+        entry["engines"].append({"id": e["id"], "name": e["name"], "state": e["state"]})
+    return list(out.values())
 
 
 class ProxyHandler(GatewayHandler):
@@ -118,6 +138,9 @@ class ProxyHandler(GatewayHandler):
         if model is not None and not isinstance(model, str):
             raise ApiError(400, "'model' must be a string")
         router: Router = self.settings["sage_nb_router"]
+        salted = self._on_the_box(body, model)
+        if salted is not None:
+            body = salted
         tried: set[str] = set()
         woken = 0
         while True:
@@ -129,13 +152,15 @@ class ProxyHandler(GatewayHandler):
                                         f"{e.message}") from None
                 idle = router.wakeable(self.kind, model) if woken < MAX_WAKES else None
                 if idle is None:
+                    if await self._to_box(model):  # none of the user's own: a shared engine of the box
+                        return
                     raise ApiError(e.status, e.message) from None
                 await self.settings["sage_nb_waker"].wake(idle)  # held until it is ready (or 503/504)
                 woken += 1
                 router.refresh()
                 continue
             payload = self.request.body
-            if body.get("model") != engine.served_model_name:
+            if body.get("model") != engine.served_model_name or salted is not None:
                 payload = json.dumps({**body, "model": engine.served_model_name}).encode()
             router.acquire(engine)
             t0 = time.perf_counter()
@@ -153,13 +178,60 @@ class ProxyHandler(GatewayHandler):
                 continue
             tried.add(engine.id)  # connection failed before the first byte: try another replica
 
+    def _on_the_box(self, body: dict, model: str | None) -> dict | None:
+        """On the box service: record the caller's request and give it the caller's own ``cache_salt``
+        (whatever the caller sent), so no user can time another's prompts through the prefix cache.
+        Returns the body to send (``None``: not the box service)."""
+        box = self.settings.get("sage_nb_box")
+        user = self.current_user
+        if box is None or user is None:
+            return None
+        box.record(user.username, model or "")
+        if self.route in TOKENIZER_ROUTES:
+            return None
+        return {**body, "cache_salt": box.cache_salt(user.username)}
+
+    async def _to_box(self, model: str | None) -> bool:
+        """Pass the request to the box service when one of its shared engines serves it (under this
+        user's own credential); False when none does."""
+        link = self.settings.get("sage_nb_link")
+        if link is None or not await link.serves(self.kind, model):
+            return False
+        try:
+            credential = link.credential()
+        except BoxUnavailable as e:
+            raise ApiError(502, str(e)) from None
+        stream = self.json_body().get("stream") is True
+        if stream:
+            self.request.connection.stream.set_nodelay(True)
+        url = link.url + "sage_nb/" + self.route
+        exchange = asyncio.ensure_future(self._exchange(self.settings["sage_nb_upstream"], url, credential,
+                                                        self.request.body, stream,
+                                                        self.settings["sage_nb_request_timeout"]))
+        self.exchange = exchange
+        try:
+            await exchange
+        except asyncio.CancelledError:
+            if not self.client_gone:
+                raise
+        except (aiohttp.ClientError, OSError, TimeoutError) as e:
+            if not self.upstream_started and not self.client_gone:
+                raise ApiError(502, f"the box service did not answer for its shared engine: "
+                                    f"{e or type(e).__name__}") from None
+        finally:
+            self.exchange = None
+        if not self.client_gone and not self._finished:
+            self.finish()
+        return True
+
     async def _forward(self, engine, payload: bytes, stream: bool) -> bool:
         """Proxy one attempt; False when the engine could not be reached at all."""
         if stream:  # each chunk goes out at once, not held back by Nagle's algorithm
             self.request.connection.stream.set_nodelay(True)
         upstream: Upstream = self.settings["sage_nb_upstream"]
         timeout = self.settings["sage_nb_request_timeout"]
-        exchange = asyncio.ensure_future(self._exchange(upstream, engine, payload, stream, timeout))
+        exchange = asyncio.ensure_future(self._exchange(upstream, f"http://{engine.host}:{engine.port}{self.upstream}",
+                                                        engine.api_key, payload, stream, timeout))
         self.exchange = exchange
         watchdog: Watchdog = self.settings["sage_nb_watchdog"]
         watchdog.track(engine.id, exchange, self)
@@ -207,10 +279,10 @@ class ProxyHandler(GatewayHandler):
         log.info("sage_nb gateway: %s; trying another replica", why)
         return False
 
-    async def _exchange(self, upstream: Upstream, engine, payload: bytes, stream: bool, timeout: float) -> None:
-        """One request to the engine, its answer passed on as it comes."""
-        url = f"http://{engine.host}:{engine.port}{self.upstream}"
-        async with upstream.post(url, payload, engine.api_key, timeout) as response:
+    async def _exchange(self, upstream: Upstream, url: str, key: str, payload: bytes, stream: bool,
+                        timeout: float) -> None:
+        """One request to an engine (or the box service), its answer passed on as it comes."""
+        async with upstream.post(url, payload, key, timeout) as response:
             try:
                 if not stream:
                     body = await response.read()
@@ -240,8 +312,8 @@ class TokenizeHandler(ProxyHandler):
     (``SageNBApp.open_tokenizer``) as vLLM does its own — its ``--api-key`` guards ``/v1`` only, and
     ``vllm bench serve`` sends no key when it aligns its prompts through them."""
 
-    def _open(self) -> bool:
-        return self.settings["sage_nb_open_tokenizer"]
+    def _open(self) -> bool:  # never on the box service: every request there is someone's
+        return self.settings["sage_nb_open_tokenizer"] and self.settings.get("sage_nb_box") is None
 
     def check_xsrf_cookie(self) -> None:
         if not self._open():  # an open route changes nothing: no cross-site request to guard against

@@ -11,7 +11,9 @@ from jupyter_server.base.handlers import APIHandler
 from jupyter_server.extension.handler import ExtensionHandlerMixin
 from tornado import web
 
-from sage_nb.controlplane import ControlPlane, ControlPlaneError, LaunchRequest, validation
+from sage_nb.controlplane import ControlPlane, ControlPlaneError, LaunchRequest, is_routable, validation
+
+from .box.link import SERVICE_NAME, BoxUnavailable, message
 
 AUTH_RESOURCE = "sage_nb"
 NO_TOKEN = ("the Jupyter token is missing or wrong: send the server's token (Authorization: token <token>, "
@@ -47,12 +49,62 @@ class SageHandler(ExtensionHandlerMixin, APIHandler):
         except ControlPlaneError as e:
             raise ApiError(e.status if e.status < 500 else 500, e.message) from None
 
+    @property
+    def box(self):
+        """The box service's policy when this server is the box service, else ``None``."""
+        return self.settings.get("sage_nb_box")
+
+    @property
+    def link(self):
+        """This user's server's link to the box service (``box_service`` setting), else ``None``."""
+        return self.settings.get("sage_nb_link")
+
+    def may(self, what: str) -> None:
+        """On the box service: a 403 with words unless the caller may ``what`` shared engines."""
+        if self.box is not None:
+            try:
+                self.box.require_publisher(self.current_user, what)
+            except ControlPlaneError as e:
+                raise ApiError(e.status, e.message) from None
+
+    async def shared(self, engine_id: str) -> bool:
+        """Pass this request on to the box service when ``engine_id`` is none of this user's engines but
+        one of the box's shared engines; True when it was (and the reply is written)."""
+        if self.link is None:
+            return False
+        try:
+            await self.call(self.cp.registry.find, engine_id)
+            return False
+        except ApiError as e:
+            if e.status_code != 404 or await self.link.find(engine_id) is None:
+                raise
+        path = self.request.path[self.request.path.index("sage_nb/api/"):]
+        query = f"?{self.request.query}" if self.request.query else ""
+        body = self.json_body() if self.request.method in ("POST", "PATCH") else None
+        await self.forward(self.request.method, path + query, body)
+        return True
+
+    async def forward(self, method: str, path: str, body=None) -> None:
+        """One REST call to the box service under this user's credential; its reply becomes ours."""
+        try:
+            status, reply = await self.link.request(method, path, body)
+        except BoxUnavailable as e:
+            raise ApiError(502, str(e)) from None
+        self.link.forget()
+        if status >= 400:
+            raise ApiError(status, f"the box service: {message(reply)}")
+        self.reply(reply, status)
+
     def write_error(self, status_code: int, **kwargs) -> None:
         """``{"message": ..., "error": {"message", "type", "code"}}``: sage_nb's own shape, and OpenAI's,
         whose clients show ``error.message`` (a refused token says how to send one)."""
         exc = kwargs.get("exc_info", (None, None, None))[1]
+        denied = getattr(self, "_sage_nb_denied", None)  # the box service refused the caller's credential
         if isinstance(exc, ApiError):
             message = exc.message
+        elif status_code == 403 and denied is not None:
+            status_code, message = denied.status, denied.message
+            self.set_status(status_code)
         elif status_code == 403 and not self._authenticated():
             message = NO_TOKEN  # no valid token: Jupyter's XSRF check or @web.authenticated refused it
         else:
@@ -94,17 +146,32 @@ class EnginesHandler(ReadOnlyPolled):
     @web.authenticated
     @authorized
     async def get(self) -> None:
-        self.reply(await self.call(self.cp.engines))
+        engines = await self.call(self.cp.engines)
+        if self.link is not None:
+            engines += await self.link.engines()
+        self.reply(engines)
 
     @web.authenticated
     @authorized
     async def post(self) -> None:
+        body = self.json_body()
+        if "publisher" in body:
+            raise ApiError(400, "publisher is set by the box service (the user who publishes), not by a caller")
+        if self.box is not None:  # every engine of the box service is shared, published by its caller
+            self.may("publish")
+            body = {**body, "shared": True, "publisher": self.current_user.username}
         try:
-            req = LaunchRequest.from_body(self.json_body())
+            req = LaunchRequest.from_body(body)
         except ControlPlaneError as e:
             raise ApiError(e.status, e.message) from None
         except TypeError as e:  # wrong argument types that the dataclass itself rejects
             raise ApiError(400, str(e)) from None
+        if req.shared and self.box is None:
+            if self.link is None:
+                raise ApiError(400, "shared engines are published by the box service, and this server has none "
+                                    "(the box_service setting; see docs/shared-server.md)")
+            await self.forward("POST", "sage_nb/api/engines", {k: v for k, v in body.items() if k != "shared"})
+            return
         self.reply(await self.call(self.cp.start, req, wait=False), 202)
 
 
@@ -112,12 +179,15 @@ class EngineHandler(ReadOnlyPolled):
     @web.authenticated
     @authorized
     async def get(self, engine_id: str) -> None:
-        self.reply(await self.call(self.cp.engine, engine_id))
+        if not await self.shared(engine_id):
+            self.reply(await self.call(self.cp.engine, engine_id))
 
     @web.authenticated
     @authorized
     async def delete(self, engine_id: str) -> None:
-        self.reply(await self.call(self.cp.stop_engine, engine_id))
+        self.may("stop")
+        if not await self.shared(engine_id):
+            self.reply(await self.call(self.cp.stop_engine, engine_id))
 
     @web.authenticated
     @authorized
@@ -128,6 +198,9 @@ class EngineHandler(ReadOnlyPolled):
         if unknown or not body:
             raise ApiError(400, f"unknown field(s): {', '.join(unknown)}" if unknown
                            else "nothing to change: send {\"keep_alive\": ...}")
+        self.may("change the keep-alive of")
+        if await self.shared(engine_id):
+            return
         self.reply(await self.call(self.cp.set_keep_alive, engine_id, body["keep_alive"]))
 
 
@@ -141,6 +214,9 @@ class SleepHandler(SageHandler):
         unknown = sorted(set(body) - {"mode"})
         if unknown:
             raise ApiError(400, f"unknown field(s): {', '.join(unknown)}")
+        self.may("put to sleep")
+        if await self.shared(engine_id):
+            return
         self.reply(await self.call(self.cp.sleep_engine, engine_id, body.get("mode", "auto")))
 
 
@@ -150,7 +226,8 @@ class WakeHandler(SageHandler):
     @web.authenticated
     @authorized
     async def post(self, engine_id: str) -> None:
-        self.reply(await self.call(self.cp.wake_engine, engine_id, wait=False), 202)
+        if not await self.shared(engine_id):
+            self.reply(await self.call(self.cp.wake_engine, engine_id, wait=False), 202)
 
 
 class LogsHandler(SageHandler):
@@ -164,6 +241,9 @@ class LogsHandler(SageHandler):
             lines = int(raw)
         except ValueError:
             raise ApiError(400, f"lines must be an integer, got {raw!r}") from None
+        self.may("read the logs of")
+        if await self.shared(engine_id):
+            return
         text = await self.call(self.cp.logs, engine_id, lines)
         self.reply({"id": engine_id, "lines": lines, "log": text})
 
@@ -179,6 +259,7 @@ class PruneHandler(SageHandler):
         unknown = sorted(set(body) - {"kernel_id", "notebook"})
         if unknown:
             raise ApiError(400, f"unknown field(s): {', '.join(unknown)}; prune takes kernel_id and notebook")
+        self.may("prune")
         self.reply({"removed": await self.call(self.cp.prune, body.get("kernel_id"), body.get("notebook"))})
 
 
@@ -192,6 +273,11 @@ class BackendsHandler(SageHandler):
         inflight = self.settings["sage_nb_router"].inflight
         for backend in backends["llm_backends"] + backends["embedding_backends"]:
             backend["inflight"] = inflight.get(backend["id"], 0)  # requests the gateway has open now
+        if self.link is not None:
+            for engine in await self.link.engines():
+                if is_routable(engine):
+                    backends[f"{engine['kind']}_backends"].append(engine)
+            backends["box"] = await self.link.status()
         self.reply(backends)
 
 
@@ -201,7 +287,14 @@ class GpusHandler(SageHandler):
     @web.authenticated
     @authorized
     async def get(self) -> None:
-        self.reply(await self.call(self.cp.gpu_report))
+        report = await self.call(self.cp.gpu_report)
+        if self.link is not None:  # other users' bookings that are the box's shared engines
+            shared = {e["id"]: e.get("publisher") for e in await self.link.engines()}
+            for gpu in report.get("devices", []):
+                for part in gpu.get("parts", {}).get("others", []):
+                    if part["engine_id"] in shared:
+                        part.update(shared=True, publisher=shared[part["engine_id"]])
+        self.reply(report)
 
 
 class SettingsHandler(SageHandler):
@@ -213,6 +306,26 @@ class SettingsHandler(SageHandler):
     @authorized
     def get(self) -> None:
         self.reply(self.cp.settings.to_model())
+
+
+class BoxHandler(SageHandler):
+    """``GET sage_nb/api/box``: on the box service, who the caller is there, whether they may publish and
+    what each user has used; on a user's server, its link to the box service (or ``{"state": "off"}``)."""
+
+    _track_activity = False
+
+    @web.authenticated
+    @authorized
+    async def get(self) -> None:
+        if self.box is not None:
+            caller = self.current_user
+            self.reply({"service": SERVICE_NAME, "user": caller.username, "via": caller.via,
+                        "may_publish": self.box.may_publish(caller), "publishers": self.box.publishers,
+                        "usage": self.box.usage_model()})
+        elif self.link is not None:
+            self.reply(await self.link.status())
+        else:
+            self.reply({"state": "off", "reason": "no box service is configured (the box_service setting)"})
 
 
 class NoRouteHandler(SageHandler):
@@ -237,4 +350,5 @@ REST_HANDLERS = [
     (r"/sage_nb/api/backends/?", BackendsHandler),
     (r"/sage_nb/api/gpus/?", GpusHandler),
     (r"/sage_nb/api/settings/?", SettingsHandler),
+    (r"/sage_nb/api/box/?", BoxHandler),
 ]

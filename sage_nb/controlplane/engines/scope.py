@@ -93,7 +93,8 @@ class KernelScope:
     def owner(self, req: LaunchRequest) -> dict:
         """The record fields of who starts an engine: :class:`BadRequest` for scope ``kernel`` and a
         kernel this control plane does not know."""
-        fields = {"kernel_id": req.kernel_id, "notebook": req.notebook, "scope": req.scope}
+        fields = {"kernel_id": req.kernel_id, "notebook": req.notebook, "scope": req.scope,
+                  "publisher": req.publisher}
         if req.scope != "kernel":
             return fields
         host = self.host

@@ -105,6 +105,7 @@ class Engine:
     kernel_pid: int | None = None  # the kernel's process (with its start time), where it is local
     kernel_started: float | None = None
     kernel_server: str | None = None  # "<pid>:<start time>" of the server whose kernel manager knows it
+    publisher: str | None = None  # a shared engine of the box service: the user who published it
 
     @property
     def base_url(self) -> str:

@@ -1,0 +1,163 @@
+"""A user's server's link to the box service: its shared engines listed beside the user's own, and
+requests for them (REST and gateway) passed on under the user's own credential.
+
+The credential is the user's: the key an admin issued (``box_key_file``, or ``/etc/sage_nb/keys/<user>``
+when it exists), else the server's ``JUPYTERHUB_API_TOKEN`` (JupyterHub gives it the service's scope
+through ``c.Spawner.server_token_scopes``). The list of shared engines is cached ``TTL`` seconds; a
+service that is down or answers something else leaves private engines untouched and says why in
+:meth:`BoxLink.status`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import getpass
+import json
+import os
+import time
+from pathlib import Path
+
+import aiohttp
+
+from sage_nb.controlplane.errors import BadRequest
+from sage_nb.controlplane.state import is_routable, is_wakeable
+from sage_nb.controlplane.store.keys import DEFAULT_KEY_DIR, read_key_file
+
+TTL = 2.0  # seconds a list of shared engines is reused
+TIMEOUT = 10.0
+BOX_ROUTE = "sage_nb/api/box"
+SERVICE_NAME = "sage_nb box service"
+
+
+class BoxUnavailable(Exception):
+    """The box service cannot be used now; the message says why."""
+
+
+class BoxLink:
+    """The box service at ``url`` as this user's server sees it."""
+
+    def __init__(self, url: str, key_file: Path | None = None) -> None:
+        self.url = url
+        self.key_file = key_file
+        self._session: aiohttp.ClientSession | None = None
+        self._engines: list[dict] = []
+        self._fetched = 0.0
+        self._problem = ""
+        self._who: dict = {}
+        self._lock = asyncio.Lock()
+
+    # ---------------------------------------------------------------- credential
+    def credential(self) -> str:
+        """The user's own credential for the service (:class:`BoxUnavailable` with the reason)."""
+        key_file = self.key_file or DEFAULT_KEY_DIR / getpass.getuser()
+        if self.key_file is not None or key_file.exists():
+            try:
+                return read_key_file(key_file)
+            except BadRequest as e:
+                raise BoxUnavailable(e.message) from None
+        token = os.environ.get("JUPYTERHUB_API_TOKEN")
+        if token:
+            return token
+        raise BoxUnavailable(f"no credential for the box service: no key file at {key_file} and no "
+                             "JUPYTERHUB_API_TOKEN; an admin issues a key with python -m sage_nb.admin add-key USER")
+
+    def headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.credential()}", "Content-Type": "application/json"}
+
+    def session(self) -> aiohttp.ClientSession:
+        if self._session is None or self._session.closed:
+            self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=TIMEOUT))
+        return self._session
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+
+    # ---------------------------------------------------------------- REST
+    async def request(self, method: str, path: str, body=None) -> tuple[int, object]:
+        """One REST call to the service: (status, JSON reply). :class:`BoxUnavailable` when it cannot be
+        reached or does not answer as a sage_nb box service."""
+        headers = self.headers()
+        data = None if body is None else json.dumps(body).encode()
+        try:
+            async with self.session().request(method, self.url + path, data=data, headers=headers) as resp:
+                text = await resp.text()
+                try:
+                    reply = json.loads(text) if text else None
+                except ValueError:
+                    raise BoxUnavailable(f"{self.url} answers, but not as a {SERVICE_NAME} (HTTP {resp.status}, "
+                                         f"{resp.content_type}); check box_service") from None
+                return resp.status, reply
+        except (aiohttp.ClientError, OSError, TimeoutError) as e:
+            raise BoxUnavailable(f"cannot reach the box service at {self.url}: {e or type(e).__name__}") from None
+
+    async def identify(self) -> dict:
+        """Who the service takes this user for (and whether it is a box service at all)."""
+        status, reply = await self.request("GET", BOX_ROUTE)
+        if status in (401, 403):
+            raise BoxUnavailable(f"the box service refused this user's credential ({status}): {message(reply)}")
+        if status != 200 or not isinstance(reply, dict) or reply.get("service") != SERVICE_NAME:
+            raise BoxUnavailable(f"{self.url} answers, but not as a {SERVICE_NAME} (HTTP {status}); check "
+                                 "box_service")
+        return reply
+
+    async def engines(self, fresh: bool = False) -> list[dict]:
+        """The shared engines (marked ``shared``), cached ``TTL`` s; ``[]`` while unavailable."""
+        async with self._lock:
+            if not fresh and time.monotonic() - self._fetched < TTL:
+                return self._engines
+            try:
+                if not self._who:
+                    self._who = await self.identify()
+                status, reply = await self.request("GET", "sage_nb/api/engines")
+                if status != 200 or not isinstance(reply, list):
+                    self._who = {}
+                    raise BoxUnavailable(f"the box service answered {status}: {message(reply)}")
+                self._engines = [shared_model(e) for e in reply if isinstance(e, dict)]
+                self._problem = ""
+            except BoxUnavailable as e:
+                self._engines, self._problem = [], str(e)
+            self._fetched = time.monotonic()
+            return self._engines
+
+    async def status(self) -> dict:
+        """The link as JSON: url, ``available`` or ``unavailable`` with the reason, who the user is there."""
+        engines = await self.engines()
+        model = {"url": self.url, "state": "unavailable" if self._problem else "available",
+                 "reason": self._problem or None, "engines": len(engines)}
+        if not self._problem:
+            model.update(user=self._who.get("user"), may_publish=self._who.get("may_publish", False))
+        return model
+
+    def forget(self) -> None:
+        """Read the list again at the next call (after a change made through the link)."""
+        self._fetched = 0.0
+
+    async def find(self, id_or_name: str) -> dict | None:
+        """A shared engine by id or name (``None``: none)."""
+        for e in await self.engines():
+            if id_or_name in (e["id"], e["name"]):
+                return e
+        return None
+
+    async def serves(self, kind: str | None, model: str | None) -> bool:
+        """Whether a shared engine (ready, or idle so a request wakes it) serves ``model`` of ``kind``."""
+        for e in await self.engines():
+            if not (is_routable(e) or is_wakeable(e)) or (kind is not None and e["kind"] != kind):
+                continue
+            if not model or model in (e["served_model_name"], e["model"], e["name"], e["id"]):
+                return True
+        return False
+
+
+def shared_model(engine: dict) -> dict:
+    """A shared engine as a user's server shows it: marked shared, with its publisher; no base URL (it is
+    reachable only through the service; its port stays as a sign that it listens)."""
+    return {**engine, "shared": True, "publisher": engine.get("publisher"), "base_url": None, "pid": None,
+            "log_path": None}
+
+
+def message(reply) -> str:
+    if isinstance(reply, dict):
+        return str(reply.get("message") or reply.get("error") or reply)
+    return str(reply)
