@@ -96,6 +96,8 @@ class LLMMagics(Magics):
             options["keep_alive"] = args.keep_alive
         if args.scope is not None:
             options["scope"] = args.scope
+        if args.shared:
+            options["shared"] = True
         kind = "embedding" if args.embedding else "llm"
         if args.no_wait:
             engine = self.client.start(args.model, kind, wait=False, extra_args=vllm_args, **options)

@@ -93,6 +93,8 @@ def line_parser() -> argparse.ArgumentParser:
                        f"memory back: {DURATIONS} (default: the server's)")
     start.add_argument("--scope", choices=SCOPES, help="kernel: stop the engine when this kernel shuts down "
                        "(or restarts); server (default): it outlives the kernel")
+    start.add_argument("--shared", action="store_true", help="publish it through the box service to every user "
+                       "of the box (admins and the publishers' group)")
     start.add_argument("--no-wait", action="store_true", help="return at once while vLLM loads")
     commands = {"stop": "stop an engine (frees its port and GPU memory)", "logs": "show the tail of an engine's log",
                 "sleep": "give an engine's GPU memory back now (it wakes on the next request)",

@@ -8,7 +8,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Protocol
 from urllib.parse import quote
 
-from sage_nb.controlplane import ControlPlane, LaunchRequest, NotFound, validation
+from sage_nb.controlplane import BadRequest, ControlPlane, LaunchRequest, NotFound, validation
 from sage_nb.controlplane.engines.scope import KernelHost
 
 from . import engine_http
@@ -141,6 +141,9 @@ class EmbeddedTransport:
         return self.control_plane.stop_engine(id_or_name)
 
     def start(self, req: LaunchRequest) -> dict:
+        if req.shared:
+            raise BadRequest("shared engines are published through the box service, by a Jupyter server "
+                             f"configured with box_service; this kernel has no server ({self.why_embedded})")
         return self.control_plane.start(req, wait=False)
 
     def sleep(self, id_or_name: str, mode: str) -> dict:

@@ -84,7 +84,10 @@ def idle_text(engine: dict, now: float | None = None) -> str:
 
 
 def started_by(engine: dict) -> str:
-    """Which notebook (else kernel) started the engine, and ``(kernel scope)`` when it ends with it."""
+    """Which notebook (else kernel) started the engine, and ``(kernel scope)`` when it ends with it; a
+    shared engine of the box service: ``shared by <publisher>``."""
+    if engine.get("shared"):
+        return f"shared by {engine.get('publisher') or '?'}"
     who = (engine.get("notebook") or "").replace("\\", "/").rsplit("/", 1)[-1] or (engine.get("kernel_id") or "")[:8]
     return f"{who} (kernel scope)" if engine.get("scope") == "kernel" else who
 
@@ -102,9 +105,13 @@ def engines_table(engines: list[dict], title: str = "sage_nb engines") -> Table:
 
 def backends_table(backends: dict, gateway_url: str | None = None) -> Table:
     """The ready backends; with the gateway's URL (server mode), the lines to use each LLM from jupyter-ai."""
-    rows = [[b["kind"], b["served_model_name"], b["name"], b["id"], b["base_url"]]
+    rows = [[b["kind"], b["served_model_name"], b["name"], b["id"],
+             f"shared by {b.get('publisher') or '?'} (box service)" if b.get("shared") else b["base_url"]]
             for b in backends["llm_backends"] + backends["embedding_backends"]]
     hint = jupyter_ai_lines(gateway_url, backends["llm_backends"]) if gateway_url else []
+    box = backends.get("box")
+    if box and box.get("state") == "unavailable":
+        hint.insert(0, f"shared engines unavailable: {box.get('reason')}")
     return Table("sage_nb backends", ["kind", "model", "engine", "id", "engine url"], rows,
                  empty="no ready backends — start one with %llm start <model>", footer="\n".join(hint) or None)
 

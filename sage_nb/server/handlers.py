@@ -13,7 +13,7 @@ from tornado import web
 
 from sage_nb.controlplane import ControlPlane, ControlPlaneError, LaunchRequest, is_routable, validation
 
-from .box.link import SERVICE_NAME, BoxUnavailable, message
+from .box.link import BOX_HEADER, SERVICE_NAME, BoxUnavailable, message
 
 AUTH_RESOURCE = "sage_nb"
 NO_TOKEN = ("the Jupyter token is missing or wrong: send the server's token (Authorization: token <token>, "
@@ -48,6 +48,11 @@ class SageHandler(ExtensionHandlerMixin, APIHandler):
             return await loop.run_in_executor(None, functools.partial(fn, *args, **kwargs))
         except ControlPlaneError as e:
             raise ApiError(e.status if e.status < 500 else 500, e.message) from None
+
+    def set_default_headers(self) -> None:
+        super().set_default_headers()
+        if self.settings.get("sage_nb_box") is not None:  # a user's server tells a box service by it
+            self.set_header(BOX_HEADER, SERVICE_NAME)
 
     @property
     def box(self):

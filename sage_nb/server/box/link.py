@@ -27,6 +27,7 @@ TTL = 2.0  # seconds a list of shared engines is reused
 TIMEOUT = 10.0
 BOX_ROUTE = "sage_nb/api/box"
 SERVICE_NAME = "sage_nb box service"
+BOX_HEADER = "X-Sage-NB-Box"  # on every reply of the box service, errors too
 
 
 class BoxUnavailable(Exception):
@@ -44,6 +45,7 @@ class BoxLink:
         self._fetched = 0.0
         self._problem = ""
         self._who: dict = {}
+        self._from_box = False  # whether the last reply came from a box service
         self._lock = asyncio.Lock()
 
     # ---------------------------------------------------------------- credential
@@ -81,6 +83,7 @@ class BoxLink:
         data = None if body is None else json.dumps(body).encode()
         try:
             async with self.session().request(method, self.url + path, data=data, headers=headers) as resp:
+                self._from_box = resp.headers.get(BOX_HEADER) == SERVICE_NAME
                 text = await resp.text()
                 try:
                     reply = json.loads(text) if text else None
@@ -94,6 +97,9 @@ class BoxLink:
     async def identify(self) -> dict:
         """Who the service takes this user for (and whether it is a box service at all)."""
         status, reply = await self.request("GET", BOX_ROUTE)
+        if not self._from_box:
+            raise BoxUnavailable(f"{self.url} answers, but not as a {SERVICE_NAME} (HTTP {status}); check "
+                                 "box_service")
         if status in (401, 403):
             raise BoxUnavailable(f"the box service refused this user's credential ({status}): {message(reply)}")
         if status != 200 or not isinstance(reply, dict) or reply.get("service") != SERVICE_NAME:

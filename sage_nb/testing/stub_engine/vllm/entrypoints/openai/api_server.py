@@ -9,7 +9,8 @@ through it is the proxy in front of it. End-to-end tests use the real vLLM.
 Routes: ``/health``, ``/openapi.json``, ``GET /v1/models``, ``/tokenize`` and ``/detokenize``, and chat,
 completions (streaming too) or, with ``--runner pooling``, embeddings. Like vLLM, ``/v1/*`` needs
 ``Bearer $VLLM_API_KEY`` when that is set (401), and a bad body is a 400 ``{"error": {"message": ...}}``,
-never a dropped connection. Replies and stream chunks carry ``"served_by": <port>``.
+never a dropped connection. Replies and stream chunks carry ``"served_by": <port>``; a chat or completion
+reply also echoes the request's ``cache_salt``, when it has one.
 
 Sleep mode, with ``VLLM_SERVER_DEV_MODE=1`` (else these routes are 404s, like vLLM's): ``POST /sleep?level=N``
 (0..2, default 1; a 400 without ``--enable-sleep-mode``) answers ``{"status": "sleeping", "level": N}``,
@@ -271,6 +272,9 @@ class Http(SleepRoutes, asyncio.Protocol):
                 return self.send(ASLEEP, keep)
             if req.get("stream"):
                 return self.stream(stub.events(path, model), keep)
+            if "cache_salt" in req:  # echoed, so a test sees the salt that reached the engine
+                body = {**stub._reply_body(path, model), "cache_salt": req["cache_salt"]}
+                return self.send(response(200, body), keep)
             if stub.reply_delay:
                 return self.delayed(stub.reply(path, model), keep)
             return self.send(stub.reply(path, model), keep)

