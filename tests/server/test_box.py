@@ -66,7 +66,8 @@ class Service:
         self.log = log.name
         home = user.home
         self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=home, env={
-            **env.env(), "HOME": str(home), "USER": user.name, "LOGNAME": user.name, "SAGE_NB_PORT_RANGE": "18500-18539",
+            **env.env(), "HOME": str(home), "USER": user.name, "LOGNAME": user.name,
+            "SAGE_NB_PORT_RANGE": "18500-18539",
             "JUPYTER_CONFIG_DIR": str(home / "cfg"), "JUPYTER_RUNTIME_DIR": str(home / "runtime"),
             "JUPYTER_DATA_DIR": str(home / "data"), "HF_HUB_OFFLINE": "1", "VLLM_CPU_KVCACHE_SPACE": "1"})
         deadline = time.monotonic() + 60
@@ -109,7 +110,8 @@ def box():
         state.mkdir(mode=0o700)
         os.chown(state, service_user.uid, service_user.gid)
         for user in (alice, bob):
-            done = admin("add-key", user.name, "--service-dir", str(state), "--key-file", str(root / "keys" / user.name))
+            done = admin("add-key", user.name, "--service-dir", str(state),
+                         "--key-file", str(root / "keys" / user.name))
             assert done.returncode == 0, done.stderr
         box = {"root": root, "env": env, "ledger": ledger, "state": state, "service_user": service_user,
                "alice": alice, "bob": bob, "publishers": publishers}
