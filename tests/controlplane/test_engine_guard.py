@@ -137,3 +137,19 @@ def test_websocket_needs_the_key(monkeypatch):
         pass
     with c.websocket_connect("/v1/realtime", headers={"Authorization": f"Bearer {KEY}"}) as ws:
         assert ws.receive_text() == "hello"
+
+
+def test_every_engine_is_launched_with_the_guard_it_can_import(stub_cp, model_dir):
+    """Not only sleep-mode engines: a shared engine of the box service must refuse every user but the
+    service on every route, so the guard is on each engine's command line, and its folder (the one
+    ``PYTHONPATH`` gets) holds the module vLLM imports by name."""
+    import psutil
+
+    from sage_nb.controlplane.engines import idle
+
+    assert (Path(idle.GUARD_DIR) / "sage_nb_engine_guard.py").is_file()
+    engine = stub_cp().start_engine(str(model_dir(1)), name="guarded")
+    cmdline = psutil.Process(engine["pid"]).cmdline()
+    assert cmdline[cmdline.index("--middleware") + 1] == idle.GUARD_MIDDLEWARE
+    env = psutil.Process(engine["pid"]).environ()
+    assert idle.GUARD_DIR in env["PYTHONPATH"].split(":")

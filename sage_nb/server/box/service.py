@@ -152,8 +152,11 @@ def main(argv: list[str] | None = None) -> None:
                          "(useradd --system sage-llm), see docs/shared-server.md")
     from jupyter_server.serverapp import ServerApp
 
+    command = server_argv(args)
+    # its engines inherit its working directory; the hub's (e.g. /root, /srv/jupyterhub) may be closed to it
+    os.chdir(Path(args.state_dir).expanduser().resolve())
     app = ServerApp.instance()
-    app.initialize(argv=server_argv(args))
+    app.initialize(argv=command)
     if app.web_app.settings.get("sage_nb_box") is None:  # never serve as a half-configured box service
         raise SystemExit("sage_nb service: the sage_nb extension did not load as the box service; see the "
                          "errors above (a bad option?)")
