@@ -37,6 +37,12 @@ case "${1:-}" in
         if [ ! -x /usr/bin/chromium ] && command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
             (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium) >/dev/null
         fi
+        # the box service is tested under a real JupyterHub, whose proxy comes from npm (5.3.0 needs node 22)
+        CHP="$VENV/node/node_modules/.bin"
+        if [ ! -x "$CHP/configurable-http-proxy" ]; then
+            npm install -s --no-audit --no-fund --prefix "$VENV/node" configurable-http-proxy@5.2.0
+        fi
+        export PATH="$(cd "$CHP" && pwd):$PATH"
         export HF_HUB_OFFLINE=1 VLLM_CPU_KVCACHE_SPACE=${VLLM_CPU_KVCACHE_SPACE:-1}
         "$VENV/bin/python" -m ruff check sage_nb tests
         exec "$VENV/bin/python" -m pytest "${@:2}"

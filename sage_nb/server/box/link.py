@@ -46,17 +46,27 @@ class BoxLink:
         self._problem = ""
         self._who: dict = {}
         self._from_box = False  # whether the last reply came from a box service
+        self._key: tuple = (None, "")  # (the key file's stamp, its key)
         self._lock = asyncio.Lock()
 
     # ---------------------------------------------------------------- credential
     def credential(self) -> str:
         """The user's own credential for the service (:class:`BoxUnavailable` with the reason)."""
         key_file = self.key_file or DEFAULT_KEY_DIR / getpass.getuser()
-        if self.key_file is not None or key_file.exists():
+        try:
+            st = key_file.stat()
+            stamp = (str(key_file), st.st_mtime_ns, st.st_ino, st.st_size)
+        except OSError:
+            stamp = None
+        if stamp is not None and stamp == self._key[0]:  # read again only when the file changed
+            return self._key[1]
+        if self.key_file is not None or stamp is not None:
             try:
-                return read_key_file(key_file)
+                key = read_key_file(key_file)
             except BadRequest as e:
                 raise BoxUnavailable(e.message) from None
+            self._key = (stamp, key)
+            return key
         token = os.environ.get("JUPYTERHUB_API_TOKEN")
         if token:
             return token
