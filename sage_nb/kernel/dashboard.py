@@ -273,7 +273,10 @@ def phase_html(engine: dict) -> str:
 
 def started_by(engine: dict) -> str:
     """Which notebook (its file name) or kernel started the engine, and whether it is tied to that
-    kernel: ``analysis.ipynb (kernel-scoped)``; "" for engines started otherwise (REST, older servers)."""
+    kernel: ``analysis.ipynb (kernel-scoped)``; ``shared by alice`` for the box service's shared engines;
+    "" for engines started otherwise (REST, older servers)."""
+    if engine.get("shared"):
+        return f"shared by {engine.get('publisher') or '?'}"
     who = os.path.basename(engine.get("notebook") or "")
     if not who and engine.get("kernel_id"):
         who = f"kernel {engine['kernel_id'][:8]}"
@@ -284,7 +287,9 @@ def started_by(engine: dict) -> str:
 def started_by_html(engine: dict) -> str:
     text = started_by(engine)
     tip = engine.get("notebook") or engine.get("kernel_id") or ""
-    if engine.get("scope") == "kernel":
+    if engine.get("shared"):
+        tip = "a shared engine of the box service: every user of the box can use it"
+    elif engine.get("scope") == "kernel":
         tip += " — stopped when that kernel shuts down"
     return f"<span title='{html.escape(tip, quote=True)}'>{html.escape(text)}</span>" if text else ""
 

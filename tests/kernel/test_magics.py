@@ -225,3 +225,34 @@ def test_a_comment_after_a_magic_is_a_comment():
     parsed = parse_line("start Qwen/Qwen2.5-7B-Instruct --name q  # shows loading phases until ready")
     assert (parsed.args.model, parsed.args.name, parsed.vllm_args) == ("Qwen/Qwen2.5-7B-Instruct", "q", [])
     assert parse_cell('--system "you are #1"  # a note').system == "you are #1"
+
+
+def test_start_shared_asks_the_box_service():
+    from sage_nb.kernel.dashboard import started_by as dashboard_started_by
+    from sage_nb.kernel.views import backends_table, started_by
+
+    assert parse_line("start org/m --shared").args.shared is True
+    assert parse_line("start org/m").args.shared is False
+    shared = {"shared": True, "publisher": "alice", "kind": "llm", "served_model_name": "m", "name": "m",
+              "id": "abc", "base_url": None}
+    assert started_by(shared) == dashboard_started_by(shared) == "shared by alice"
+    table = backends_table({"llm_backends": [shared], "embedding_backends": [],
+                            "box": {"state": "unavailable", "reason": "cannot reach the box service"}})
+    text = repr(table)
+    assert "shared by alice (box service)" in text and "shared engines unavailable: cannot reach" in text
+
+
+def test_an_embedded_kernel_refuses_a_shared_start(tmp_path):
+    from sage_nb.controlplane import BadRequest, ControlPlane, LaunchRequest
+    from sage_nb.kernel.transport import EmbeddedTransport
+
+    cp = ControlPlane(state_dir=tmp_path, monitor=False, use_nvml=False)
+    try:
+        with pytest.raises(BadRequest, match="box service"):
+            EmbeddedTransport(cp, "no server").start(LaunchRequest(model=str(tmp_path), shared=True))
+        assert cp.engines() == []
+        with pytest.raises(BadRequest, match="cannot be tied to one kernel"):
+            LaunchRequest(model=str(tmp_path), shared=True, scope="kernel",
+                          kernel_id="0f9c6a8e-4c1b-4a1e-9d35-8a1f2b3c4d5e")
+    finally:
+        cp.close()
