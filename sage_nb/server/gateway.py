@@ -19,7 +19,7 @@ from tornado import web
 from tornado.ioloop import PeriodicCallback
 
 from sage_nb.controlplane import ControlPlaneError, is_routable
-from sage_nb.controlplane.routing.router import Router
+from sage_nb.controlplane.routing.router import KIND_LABEL, Router
 from sage_nb.controlplane.state import is_wakeable
 
 from .box.link import BoxUnavailable
@@ -195,7 +195,13 @@ class ProxyHandler(GatewayHandler):
         """Pass the request to the box service when one of its shared engines serves it (under this
         user's own credential); False when none does."""
         link = self.settings.get("sage_nb_link")
-        if link is None or not await link.serves(self.kind, model):
+        if link is None:
+            return False
+        if not await link.serves(self.kind, model):
+            if model and self.kind and await link.serves(None, model):  # a shared model of the other kind
+                other = "embedding" if self.kind == "llm" else "llm"
+                raise ApiError(400, f"model {model!r} is a shared {KIND_LABEL[other]} model (kind {other!r}); "
+                                    f"this route needs an {KIND_LABEL[self.kind]} model")
             return False
         try:
             credential = link.credential()

@@ -406,3 +406,21 @@ def test_shared_tiny_vllm_answers_every_user_through_their_own_gateway(box, serv
         service.kill()
         for proc in group_members(engine["pid"]) if engine.get("pid") else []:
             proc.kill()
+
+
+def test_a_shared_embedding_engine_serves_every_users_embeddings(box, servers, published):
+    alice, bob = servers
+    model = box["root"] / "model-4g"
+    code, engine = alice.request("POST", "sage_nb/api/engines", {"model": str(model), "name": "team-embed",
+                                                                  "kind": "embedding", "shared": True})
+    assert code == 202, engine
+    wait_ready(alice, engine["id"], timeout=60)
+    try:
+        code, reply = bob.request("POST", "sage_nb/v1/embeddings", {"model": "team-embed", "input": ["a", "b"]})
+        assert code == 200 and len(reply["data"]) == 2, reply
+        code, reply = bob.request("POST", "sage_nb/v1/embeddings", {"input": "any embedding engine"})
+        assert code == 200, reply
+        code, reply = bob.request("POST", "sage_nb/v1/chat/completions", {"model": "team-embed", **CHAT})
+        assert code == 400 and "embedding model" in reply["message"], reply  # never answers a chat
+    finally:
+        assert alice.request("DELETE", f"sage_nb/api/engines/{engine['id']}")[0] == 200

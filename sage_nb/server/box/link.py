@@ -24,6 +24,7 @@ from sage_nb.controlplane.state import is_routable, is_wakeable
 from sage_nb.controlplane.store.keys import DEFAULT_KEY_DIR, read_key_file
 
 TTL = 2.0  # seconds a list of shared engines is reused
+RETRY = 0.25  # a lookup that the cached list misses fetches it again if it is older than this
 TIMEOUT = 10.0
 BOX_ROUTE = "sage_nb/api/box"
 SERVICE_NAME = "sage_nb box service"
@@ -117,10 +118,10 @@ class BoxLink:
                                  "box_service")
         return reply
 
-    async def engines(self, fresh: bool = False) -> list[dict]:
-        """The shared engines (marked ``shared``), cached ``TTL`` s; ``[]`` while unavailable."""
+    async def engines(self, max_age: float = TTL) -> list[dict]:
+        """The shared engines (marked ``shared``), fetched at most ``max_age`` s ago; ``[]`` while unavailable."""
         async with self._lock:
-            if not fresh and time.monotonic() - self._fetched < TTL:
+            if time.monotonic() - self._fetched < max_age:
                 return self._engines
             try:
                 if not self._who:
@@ -149,21 +150,27 @@ class BoxLink:
         """Read the list again at the next call (after a change made through the link)."""
         self._fetched = 0.0
 
+    async def _lookup(self, match) -> dict | None:
+        """The first shared engine ``match`` accepts: from the cached list, else from one fetched now
+        (one just published or woken is found at once; a miss asks the service at most every ``RETRY`` s)."""
+        for max_age in (TTL, RETRY):
+            for e in await self.engines(max_age):
+                if match(e):
+                    return e
+        return None
+
     async def find(self, id_or_name: str) -> dict | None:
         """A shared engine by id or name (``None``: none)."""
-        for e in await self.engines():
-            if id_or_name in (e["id"], e["name"]):
-                return e
-        return None
+        return await self._lookup(lambda e: id_or_name in (e["id"], e["name"]))
 
     async def serves(self, kind: str | None, model: str | None) -> bool:
         """Whether a shared engine (ready, or idle so a request wakes it) serves ``model`` of ``kind``."""
-        for e in await self.engines():
+        def match(e: dict) -> bool:
             if not (is_routable(e) or is_wakeable(e)) or (kind is not None and e["kind"] != kind):
-                continue
-            if not model or model in (e["served_model_name"], e["model"], e["name"], e["id"]):
-                return True
-        return False
+                return False
+            return not model or model in (e["served_model_name"], e["model"], e["name"], e["id"])
+
+        return await self._lookup(match) is not None
 
 
 def shared_model(engine: dict) -> dict:
