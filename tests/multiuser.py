@@ -20,6 +20,7 @@ import stat
 import subprocess
 import sys
 import sysconfig
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -131,3 +132,34 @@ def make_user(group: str, homes: Path) -> User:
 def remove_user(user: User) -> None:
     subprocess.run(["pkill", "-KILL", "-u", user.name], check=False)
     subprocess.run(["userdel", user.name], check=False)
+
+
+@contextmanager
+def user_server(env: UsersPython, user: User, name: str, port_range, settings: dict, gpus: list[dict], stub: bool,
+                last: bool = True):
+    """``user``'s own jupyter server under their uid, configured as docs/shared-server.md tells an admin
+    (``settings`` in sage_nb's own config file), on the fake ``gpus``; stand-in engines when ``stub``.
+    Afterwards it is killed (``last``: with every process of the user, their engines too)."""
+    import json
+
+    from .serverproc import Server, free_port
+
+    root = user.home / name
+    root.mkdir()
+    os.chown(root, user.uid, user.gid)
+    (root / "cfg").mkdir()
+    (root / "cfg" / "jupyter_sage_nb_config.json").write_text(json.dumps({"SageNBApp": settings}))
+    engine_env = {"PYTHONPATH": str(env.project / "sage_nb" / "testing" / "stub_engine")} if stub else {}
+    server = Server(root, root / "state", free_port(), port_range=port_range, base="/", python=env.python,
+                    run_as=user.prefix(),
+                    env={**env.env(), "HOME": str(user.home), "USER": user.name, "LOGNAME": user.name,
+                         "HF_HUB_OFFLINE": "1", "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_NO_USAGE_STATS": "1"},
+                    extra_args=[f"--SageNBApp.fake_gpus={json.dumps(gpus)}", "--SageNBApp.health_interval=0.5",
+                                f"--SageNBApp.engine_env={json.dumps(engine_env)}"])
+    server.start()
+    try:
+        yield server
+    finally:
+        server.kill()
+        if last:
+            subprocess.run(["pkill", "-KILL", "-u", user.name], check=False)

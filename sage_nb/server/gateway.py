@@ -152,7 +152,8 @@ class ProxyHandler(GatewayHandler):
                                         f"{e.message}") from None
                 idle = router.wakeable(self.kind, model) if woken < MAX_WAKES else None
                 if idle is None:
-                    if await self._to_box(model):  # none of the user's own: a shared engine of the box
+                    # none of the user's own: a shared engine of the box service
+                    if await self._to_box(model, body.get("stream") is True):
                         return
                     raise ApiError(e.status, e.message) from None
                 await self.settings["sage_nb_waker"].wake(idle)  # held until it is ready (or 503/504)
@@ -191,7 +192,7 @@ class ProxyHandler(GatewayHandler):
             return None
         return {**body, "cache_salt": box.cache_salt(user.username)}
 
-    async def _to_box(self, model: str | None) -> bool:
+    async def _to_box(self, model: str | None, stream: bool) -> bool:
         """Pass the request to the box service when one of its shared engines serves it (under this
         user's own credential); False when none does."""
         link = self.settings.get("sage_nb_link")
@@ -207,7 +208,6 @@ class ProxyHandler(GatewayHandler):
             credential = link.credential()
         except BoxUnavailable as e:
             raise ApiError(502, str(e)) from None
-        stream = self.json_body().get("stream") is True
         if stream:
             self.request.connection.stream.set_nodelay(True)
         url = link.url + "sage_nb/" + self.route

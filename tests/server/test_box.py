@@ -25,7 +25,8 @@ from sage_nb.controlplane.engines.process import group_members
 
 from ..conftest import GIB, make_model_dir
 from ..multiuser import make_group, make_user, remove_user, users_python
-from ..serverproc import Server, free_port, wait_ready
+from ..multiuser import user_server as users_server
+from ..serverproc import free_port, wait_ready
 
 BOX = [{"name": "NVIDIA L4", "total_mib": 24576, "used_mib": 0, "uuid": "GPU-box-0"},
        {"name": "NVIDIA L4", "total_mib": 24576, "used_mib": 0, "uuid": "GPU-box-1"}]
@@ -138,27 +139,10 @@ def key(box, user) -> str:
 def user_server(box, user, name: str, port_range, box_settings: dict | None = None, last: bool = True):
     """``user``'s own jupyter server linked to the box service, under their uid (``last``: then every process
     of the user is killed, their engines too)."""
-    env = box["env"]
-    root = user.home / name
-    root.mkdir()
-    os.chown(root, user.uid, user.gid)
     settings = {"shared_ledger": str(box["ledger"]), "box_service": box["service"].url,
                 "box_key_file": str(box["root"] / "keys" / user.name), **(box_settings or {})}
-    (root / "cfg").mkdir()
-    (root / "cfg" / "jupyter_sage_nb_config.json").write_text(json.dumps({"SageNBApp": settings}))
-    engine_env = {"PYTHONPATH": str(env.project / "sage_nb" / "testing" / "stub_engine")}
-    server = Server(root, root / "state", free_port(), port_range=port_range, base="/", python=env.python,
-                    run_as=user.prefix(), env={**env.env(), "HOME": str(user.home), "USER": user.name,
-                                               "LOGNAME": user.name, "HF_HUB_OFFLINE": "1"},
-                    extra_args=[f"--SageNBApp.fake_gpus={json.dumps(BOX)}", "--SageNBApp.health_interval=0.5",
-                                f"--SageNBApp.engine_env={json.dumps(engine_env)}"])
-    server.start()
-    try:
+    with users_server(box["env"], user, name, port_range, settings, BOX, stub=True, last=last) as server:
         yield server
-    finally:
-        server.kill()
-        if last:
-            subprocess.run(["pkill", "-KILL", "-u", user.name], check=False)
 
 
 @pytest.fixture(scope="module")
@@ -424,3 +408,15 @@ def test_a_shared_embedding_engine_serves_every_users_embeddings(box, servers, p
         assert code == 400 and "embedding model" in reply["message"], reply  # never answers a chat
     finally:
         assert alice.request("DELETE", f"sage_nb/api/engines/{engine['id']}")[0] == 200
+
+
+def test_a_stream_from_a_shared_engine_passes_through_the_users_gateway(box, servers, published):
+    _, bob = servers
+    req = urllib.request.Request(bob.url + "sage_nb/v1/chat/completions", method="POST",
+                                 data=json.dumps({"model": "team-llm", "stream": True, **CHAT}).encode(),
+                                 headers={"Authorization": "token sage-test-token", "Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=30) as resp:
+        assert resp.headers["Content-Type"].startswith("text/event-stream")
+        events = [line for line in resp.read().decode().splitlines() if line.startswith("data: ")]
+    assert events[-1] == "data: [DONE]" and len(events) >= 2
+    assert json.loads(events[0][6:])["served_by"] == published["port"]

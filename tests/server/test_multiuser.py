@@ -33,7 +33,8 @@ from sage_nb.controlplane.store.ledger import SharedLedger
 
 from ..conftest import GIB, make_model_dir, wait_for
 from ..multiuser import make_group, make_user, remove_user, users_python
-from ..serverproc import Server, free_port, wait_ready
+from ..multiuser import user_server as users_server
+from ..serverproc import wait_ready
 
 # two 24 GiB GPUs; a 4 GiB model at max_model_len 1024 books 5761 MiB: four fit on each, eight in all
 BOX = [{"name": "NVIDIA L4", "total_mib": 24576, "used_mib": 0, "uuid": "GPU-box-0"},
@@ -65,27 +66,9 @@ def box():
 @contextmanager
 def user_server(box, user, gpus, name: str, port_range, stub: bool):
     """``user``'s own jupyter server (under their uid) on the shared ledger and the fake ``gpus``."""
-    env = box["env"]
-    root = user.home / name
-    root.mkdir()
-    os.chown(root, user.uid, user.gid)
-    # the ledger is configured as docs/shared-server.md tells an admin: sage_nb's own config file
-    (root / "cfg").mkdir()
-    (root / "cfg" / "jupyter_sage_nb_config.json").write_text(
-        json.dumps({"SageNBApp": {"shared_ledger": str(box["ledger"])}}))
-    engine_env = {"PYTHONPATH": str(env.project / "sage_nb" / "testing" / "stub_engine")} if stub else {}
-    server = Server(root, root / "state", free_port(), port_range=port_range, base="/",
-                    python=env.python, run_as=user.prefix(),
-                    env={**env.env(), "HOME": str(user.home), "USER": user.name, "LOGNAME": user.name,
-                         "HF_HUB_OFFLINE": "1", "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_NO_USAGE_STATS": "1"},
-                    extra_args=[f"--SageNBApp.fake_gpus={json.dumps(gpus)}", "--SageNBApp.health_interval=0.5",
-                                f"--SageNBApp.engine_env={json.dumps(engine_env)}"])
-    server.start()
-    try:
+    with users_server(box["env"], user, name, port_range, {"shared_ledger": str(box["ledger"])}, gpus,
+                      stub) as server:
         yield server
-    finally:
-        server.kill()
-        subprocess.run(["pkill", "-KILL", "-u", user.name], check=False)  # every engine of theirs too
 
 
 def parts(server) -> list[dict]:
