@@ -69,3 +69,13 @@ def write(out_dir: Path, meta: dict, results: dict) -> tuple[Path, Path]:
     js.write_text(json.dumps({"meta": meta, "results": results}, indent=1, default=str) + "\n")
     md.write_text(markdown(meta, results))
     return md, js
+
+
+def write_results(out: Path, meta: dict, name: str, figs: list[Figure], raw: dict, title: str) -> str:
+    """A one-part benchmark's ``OUT.json`` and ``OUT.md`` (under ``title``); returns the markdown."""
+    results = {name: {"figures": [f.to_json() for f in figs], "raw": raw, "seconds": meta["total_s"]}}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps({"meta": meta, "results": results}, indent=1) + "\n")
+    text = markdown(meta, results).replace("# sage_nb benchmarks", f"# sage_nb: {title}", 1)
+    out.with_suffix(".md").write_text(text)
+    return text

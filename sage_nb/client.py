@@ -14,8 +14,8 @@ from __future__ import annotations
 
 from sage_nb.kernel.client import Client, get_client, set_client
 
-__all__ = ["Client", "backends", "embeddings", "engines", "get_client", "langchain_chat", "langchain_embeddings",
-           "llm", "prune", "set_client", "start", "stop"]
+__all__ = ["Client", "backends", "embeddings", "engines", "get_client", "gpu_metrics", "langchain_chat",
+           "langchain_embeddings", "llm", "metrics", "prune", "set_client", "start", "stop"]
 
 
 def llm(model: str | None = None):
@@ -61,3 +61,14 @@ def stop(id_or_name: str) -> dict:
 def prune() -> list[str]:
     """Remove stopped and failed engine records."""
     return get_client().prune()
+
+
+def metrics(id_or_name: str | None = None, window: float = 600.0, points: bool = False) -> dict:
+    """What the engines are doing: every engine's latest figures, or one engine's series over the last
+    ``window`` seconds (see ``Client.metrics``)."""
+    return get_client().metrics(id_or_name, window, points)
+
+
+def gpu_metrics(window: float = 600.0) -> dict:
+    """Each GPU's memory over the last ``window`` seconds, by owner."""
+    return get_client().gpu_metrics(window)

@@ -99,6 +99,8 @@ PARTS = {
     "cluster": {"top", "store", "gpus", "cluster", "engines.process", "engines.scan"},
     "engines": {"top", "store", "gpus", "cluster", "engines"},
     "routing": {"top", "store", "engines"},
+    "sharing": {"top", "store", "sharing"},
+    "metrics": {"top", "metrics"},
 }
 
 
@@ -140,3 +142,17 @@ def test_control_plane_loads_nothing_from_jupyter_at_run_time():
             "print(bad); sys.exit(bool(bad))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_the_kernel_client_imports_without_the_servers_dependencies():
+    """Side venvs (LangChain, jupyter-ai) install sage_nb's client alone: reading metrics and drawing them
+    import prometheus_client and bqplot only when they are used."""
+    code = ("import sys\n"
+            "class Block:\n"
+            "    def find_spec(self, name, path=None, target=None):\n"
+            "        if name.split('.')[0] in ('prometheus_client', 'bqplot', 'pandas'):\n"
+            "            raise ImportError('blocked ' + name)\n"
+            "sys.meta_path.insert(0, Block())\n"
+            "import sage_nb.client, sage_nb.kernel.magics, sage_nb.controlplane\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr

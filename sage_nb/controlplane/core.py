@@ -22,6 +22,7 @@ from .errors import BadRequest, Conflict, NoRoom
 from .gpus import attribution, hostmem, placement
 from .gpus.inventory import GpuInventory
 from .gpus.sizing import BLOCK, CUDA_CONTEXT_MIB, MIB, MIN_MODEL_LEN, ModelSpec, inspect_hub_model, inspect_model
+from .metrics.collector import MetricsCollector
 from .requests import LaunchRequest
 from .settings import Settings
 from .state import STOPPABLE, is_routable
@@ -42,6 +43,9 @@ class ControlPlane:
         self.inventory = (ClusterInventory(self.settings.ray_address) if self.settings.ray_address else  # ray only then
                           GpuInventory(self.settings.fake_gpus, self.settings.use_nvml, self.settings.gpus))
         self.supervisor = Supervisor(self.registry, self.settings, self.inventory, monitor)
+        self.metrics = MetricsCollector(self.registry.engines, self.gpus, interval=self.settings.metrics_interval,
+                                        horizon=self.settings.metrics_horizon,
+                                        timeout=min(self.settings.probe_timeout, 1.0))
 
     # ------------------------------------------------------------------ queries
     def engines(self) -> list[dict]:
@@ -80,7 +84,9 @@ class ControlPlane:
             mine = [{"engine_id": eid, "uuid": uuid, "mib": mib, "name": names.get(eid, eid)}
                     for eid, _index, uuid, mib in txn.bookings()]
             others = txn.foreign_bookings()
-            pids = self._engine_pids(txn, others, self._cluster_uuids(views))
+            # which processes are each engine's: only where NVML lists processes (a scan of the process table)
+            listed = any(v.device.process_mib for v in views)
+            pids = self._engine_pids(txn, others, self._cluster_uuids(views)) if listed else {}
         return [{**v.to_model(), "parts": attribution.parts(
                     v, [m for m in mine if m["uuid"] == v.device.uuid],
                     [r for r in others if r["gpu_uuid"] == v.device.uuid], pids)} for v in views]
@@ -379,7 +385,13 @@ class ControlPlane:
         self.supervisor.ensure_monitor()
         return report
 
+    def start_metrics(self) -> None:
+        """Start collecting the engines' metrics and the GPUs' memory in this process (once; not when
+        ``metrics_interval`` is 0)."""
+        self.metrics.start()
+
     def close(self) -> None:
-        """Stop this process's monitor loop (engines keep running)."""
+        """Stop this process's monitor loop and metrics collection (engines keep running)."""
+        self.metrics.stop()
         self.supervisor.close()
         self.registry.close()

@@ -194,6 +194,10 @@ class Settings:
     box_key_file: Path | None = setting(None, "The key an admin issued this user for a standalone box service "
                                         "(python -m sage_nb.admin add-key); empty: $JUPYTERHUB_API_TOKEN under "
                                         "JupyterHub, else /etc/sage_nb/keys/<user> when it exists.", Path)
+    metrics_interval: float = setting(2.0, "Seconds between readings of each ready engine's /metrics and the "
+                                      "GPUs' memory, kept for the dashboard's plots, %llm top and the metrics "
+                                      "routes; 0 turns collection off.")
+    metrics_horizon: float = setting(900.0, "Seconds of metrics history kept in memory (15 minutes).")
     adopt_unrecorded: bool = setting(True, "Adopt vLLM servers of this user that sage_nb did not "
                                      "start (found by their command line at discovery).")
 
@@ -225,6 +229,9 @@ class Settings:
             raise BadRequest("work_probe_interval (0: off), stop_grace and wake_timeout must be >= 0")
         if self.ray_address is not None and self.ray_address != "auto" and ":" not in self.ray_address:
             raise BadRequest(f"ray_address must be 'auto' or the head's host:port, got {self.ray_address!r}")
+        if self.metrics_interval < 0 or self.metrics_horizon <= 0:
+            raise BadRequest(f"metrics_interval (0: off) must be >= 0 and metrics_horizon positive, got "
+                             f"{self.metrics_interval!r} and {self.metrics_horizon!r}")
         if self.sleep_residual_mib < 0:
             raise BadRequest(f"sleep_residual_mib must be >= 0, got {self.sleep_residual_mib!r}")
         for name, allowed in (("idle_action", ("auto", "sleep", "unload")), ("sleep_mode", ("auto", "on", "off"))):

@@ -31,6 +31,13 @@ def integer(name: str, value, minimum: int = 1, maximum: int | None = None) -> i
     return value
 
 
+def seconds(name: str, value) -> float:
+    """``value`` if it is a positive, finite number of seconds, else :class:`BadRequest`."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value < float("inf"):
+        raise BadRequest(f"{name} must be a positive number of seconds, got {value!r}")
+    return float(value)
+
+
 def optional_integer(name: str, value, minimum: int = 1) -> int | None:
     return None if value is None else integer(name, value, minimum)
 

@@ -93,6 +93,24 @@ class Client:
         """The effective settings of the control plane this client talks to."""
         return self.transport.settings()
 
+    def usage(self, days: int = 1, user: str | None = None) -> dict:
+        """Usage of the box service's shared engines over the last ``days`` days (UTC): your rows (an admin:
+        everyone's, or ``user``'s), each engine's share of work by user, your limits and tokens today."""
+        return self.transport.usage(validation.integer("days", days), user)
+
+    def metrics(self, id_or_name: str | None = None, window: float = 600.0, points: bool = False) -> dict:
+        """What the engines are doing: every engine's latest figures (``engines``; with ``points``, each
+        one's series too), or with ``id_or_name`` one engine's series over the last ``window`` seconds
+        (points, latency quantiles, totals)."""
+        window = validation.seconds("window", window)
+        if id_or_name is None:
+            return self.transport.metrics(window, points)
+        return self.transport.engine_metrics(id_or_name, window)
+
+    def gpu_metrics(self, window: float = 600.0) -> dict:
+        """Each GPU's memory over the last ``window`` seconds, by owner."""
+        return self.transport.gpu_metrics(validation.seconds("window", window))
+
     def logs(self, id_or_name: str, lines: int = 100) -> str:
         return self.transport.logs(id_or_name, validation.integer("lines", lines))
 

@@ -1,4 +1,5 @@
-"""The live dashboard: GPU memory bars, the engine table and actions, in ipywidgets.
+"""The live dashboard: GPU memory bars, the engine table and actions, in ipywidgets, and the plots of
+what each engine and GPU did over the last minutes (:mod:`.plots`).
 
 Refreshed by an asyncio task on the kernel's own loop (ipykernel 7 drops widget
 updates made from other threads); data is fetched in a worker thread and widgets
@@ -20,6 +21,7 @@ from sage_nb.controlplane.state import DORMANT, STOPPABLE, EngineState, is_routa
 
 from .client import LOADING, Client, get_client
 from .gpubar import by_node, gpu_bar_html, gpu_rows_html, node_label  # noqa: F401 (gpu_bar_html re-exported)
+from .plots import MetricsPlots, kernel_loop
 from .views import holders, idle_text, one_line, uptime
 
 STATE_COLORS = {EngineState.READY: "#2e7d32", EngineState.STARTING: "#f9a825", EngineState.STOPPING: "#6d4c41",
@@ -34,11 +36,13 @@ def cpu_html(note: str, host: dict) -> str:
 
 
 class Dashboard(w.VBox):
-    """GPUs, engines and actions; ``%llm dashboard`` shows one. Refreshes every ``interval`` s."""
+    """GPUs, engines, actions and plots over the last ``window`` s; ``%llm dashboard`` shows one.
+    Refreshes every ``interval`` s."""
 
-    def __init__(self, client: Client | None = None, interval: float = 2.0, autostart: bool = True) -> None:
+    def __init__(self, client: Client | None = None, interval: float = 2.0, autostart: bool = True,
+                 window: float = 600.0) -> None:
         self.client = client or get_client()
-        self.interval = interval
+        self.interval, self.window = interval, window
         self.snapshot: dict = {}
         self.status = w.HTML(layout=w.Layout(min_height="1.2em"))
         self.gpu_box = w.VBox()
@@ -57,8 +61,9 @@ class Dashboard(w.VBox):
         start = w.Button(description="start", icon="play", button_style="success")
         start.on_click(lambda _: self._start())
         form = w.HBox([self.model, self.kind, self.tp, start])
+        self.plots = MetricsPlots()
         super().__init__([w.HTML("<h4>sage_nb</h4>"), self.gpu_box, self.engine_box,
-                          w.HBox([prune, self.pause_button]), form, self.status, self.logs])
+                          w.HBox([prune, self.pause_button]), form, self.status, self.plots, self.logs])
         self._task: asyncio.Task | None = None
         self._clock: list[tuple[dict, w.HTML, w.HTML]] = []  # each row's engine, uptime and idle cells
         self.refresh()
@@ -70,7 +75,18 @@ class Dashboard(w.VBox):
         """Everything the dashboard shows (blocking: called in a worker thread)."""
         engines = [{**e, "phase": self._phase(e)} if e["state"] in LOADING else e
                    for e in self.client.engines()]  # a starting engine: what its log says it does
+        if any(e.get("shared") for e in engines):  # the box's shared engines: who used each today
+            try:
+                shares = self.client.usage(1)["shares"]
+            except Exception:  # an older box service, or none reachable: the rows show no shares
+                shares = {}
+            engines = [{**e, "share_of_work": shares.get(e["name"], {})} if e.get("shared") else e for e in engines]
         data = {"gpus": self.client.gpus(), "engines": engines, "mode": self.client.mode}
+        try:  # what the engines and GPUs did over the window (an older server has no metrics routes)
+            data["metrics"] = self.client.metrics(window=self.window, points=True)["engines"]
+            data["gpu_metrics"] = self.client.gpu_metrics(self.window) if data["gpus"]["devices"] else None
+        except Exception:  # the plots say there are none; the rest of the dashboard stands
+            data["metrics"] = data["gpu_metrics"] = None
         if not data["gpus"]["devices"]:
             mem = psutil.virtual_memory()
             data["host"] = {"cpu": round(psutil.cpu_percent(interval=None)), "cores": psutil.cpu_count(),
@@ -97,6 +113,9 @@ class Dashboard(w.VBox):
             self._show_gpus(data["gpus"], data.get("host"))
         if data["engines"] != self.snapshot.get("engines"):
             self._show_engines(data["engines"])
+        if "metrics" in data and (data["metrics"], data["gpu_metrics"]) != (self.snapshot.get("metrics"),
+                                                                           self.snapshot.get("gpu_metrics")):
+            self.plots.update(data["metrics"], data["gpu_metrics"])
         self.snapshot = data
         return self._tick() or changed
 
@@ -186,13 +205,9 @@ class Dashboard(w.VBox):
     # ------------------------------------------------------------------ refresh task
     def start_refresh(self) -> None:
         """Refresh every ``interval`` seconds on the kernel's event loop (no threads touch widgets)."""
-        try:
-            loop = asyncio.get_running_loop()
-        except RuntimeError:
-            try:
-                loop = asyncio.get_event_loop()
-            except RuntimeError:
-                return
+        loop = kernel_loop()
+        if loop is None:
+            return
         if self._task is None or self._task.done():
             self._task = loop.create_task(self._run())
 
@@ -291,7 +306,11 @@ def started_by_html(engine: dict) -> str:
         tip = "a shared engine of the box service: every user of the box can use it"
     elif engine.get("scope") == "kernel":
         tip += " — stopped when that kernel shuts down"
-    return f"<span title='{html.escape(tip, quote=True)}'>{html.escape(text)}</span>" if text else ""
+    shares = engine.get("share_of_work")
+    work = ("<br><small title='share of its tokens today (UTC), by user'>today: "
+            + html.escape(" · ".join(f"{u} {f:.0%}" for u, f in sorted(shares.items(), key=lambda x: -x[1])))
+            + "</small>") if shares else ""
+    return f"<span title='{html.escape(tip, quote=True)}'>{html.escape(text)}</span>{work}" if text else ""
 
 
 def health_of(engine: dict) -> str:

@@ -19,6 +19,27 @@ from .connection import this_kernel
 from .parsing import parse_cell, parse_line
 
 
+def watch(refresh, first, every: float, rounds: int | None = None) -> None:
+    """Show ``first``, then ``refresh()`` every ``every`` s in its place until interrupted (``rounds``:
+    stop after that many refreshes): one output updated in a notebook, the screen redrawn in a terminal."""
+    from IPython import get_ipython
+
+    in_notebook = type(get_ipython()).__name__ == "ZMQInteractiveShell"
+    handle = display(first, display_id=True) if in_notebook else print(repr(first))
+    done = 0
+    try:
+        while rounds is None or done < rounds:
+            time.sleep(every)
+            view = refresh()
+            if in_notebook:
+                handle.update(view)
+            else:
+                print("\x1b[H\x1b[2J" + repr(view), flush=True)
+            done += 1
+    except KeyboardInterrupt:  # the kernel's interrupt (or Ctrl-C) ends the watch, not the session
+        pass
+
+
 class SageNBError(Exception):
     """A runtime failure shown as one line (nbval still fails the cell)."""
 
@@ -157,6 +178,21 @@ class LLMMagics(Magics):
         what = "this notebook's stopped/failed engines" if mine else "stopped/failed engines"
         return views.Table(f"sage_nb: pruned {what}", ["id", "name", "was"], rows, empty="nothing to prune",
                            footer=footer)
+
+    def _cmd_usage(self, args):
+        return views.usage_table(self.client.usage(args.days, args.user))
+
+    def _cmd_top(self, args):
+        table = views.top_table(self.client.metrics(window=args.window))
+        if not args.watch:
+            return table
+        watch(lambda: views.top_table(self.client.metrics(window=args.window)), table, args.watch)
+        return None
+
+    def _cmd_metrics(self, args):
+        from .plots import EngineView
+
+        return EngineView(self.client, args.engine, window=args.window)
 
     def _cmd_logs(self, args):
         return views.Logs(args.engine, self.client.logs(args.engine, args.lines))

@@ -116,6 +116,24 @@ def line_parser() -> argparse.ArgumentParser:
                        ("gpus", "GPU memory: used, booked, free"), ("dashboard", "live dashboard widget"),
                        ("doctor", "check the setup and say what to fix")):
         sub.add_parser(name, help=text, description=text)
+    usage = sub.add_parser("usage", help="use of the box's shared engines: yours (an admin: everyone's), and each "
+                           "engine's share by user", description="Requests, tokens and time queued on the box "
+                           "service's shared engines by user, engine and day (UTC), each engine's share of work by "
+                           "user, and your limits.")
+    usage.add_argument("--days", type=_positive, default=1, help="how many days back, today included (default 1)")
+    usage.add_argument("--user", help="one user's rows (admins only)")
+    top = sub.add_parser("top", help="what each engine is doing: requests, KV cache, tokens/s, latency",
+                         description="Each engine's running and waiting requests, KV cache in use, prompt and "
+                         "generated tokens per second and TTFT / inter-token latency (p50/p95) over the last "
+                         "minute, from its own /metrics.")
+    top.add_argument("--window", type=_positive, default=60, help="seconds the rates and latencies cover (default 60)")
+    top.add_argument("--watch", type=_positive, nargs="?", const=2, metavar="SECONDS",
+                     help="refresh every SECONDS (default 2) until interrupted")
+    metrics = sub.add_parser("metrics", help="live plots of one engine: tokens/s, KV cache, queue, latency",
+                             description="One engine's prompt and generated tokens/s, KV cache in use and waiting "
+                             "requests over time, and its latencies over the window, refreshed live.")
+    metrics.add_argument("engine", help="engine id or name")
+    metrics.add_argument("--window", type=_positive, default=600, help="seconds shown (default 600)")
     prune = sub.add_parser("prune", help="remove this notebook's stopped/failed engines (--all: everyone's)",
                            description="Remove the stopped and failed engine records this notebook started (from "
                            "this kernel or an earlier kernel of it), freeing what they still hold; the records of "

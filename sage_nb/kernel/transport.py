@@ -38,6 +38,10 @@ class Transport(Protocol):
     def wake(self, id_or_name: str) -> dict: ...
     def set_keep_alive(self, id_or_name: str, keep_alive: float | str | None) -> dict: ...
     def settings(self) -> dict: ...
+    def usage(self, days: int, user: str | None) -> dict: ...
+    def metrics(self, window: float, points: bool = False) -> dict: ...
+    def engine_metrics(self, id_or_name: str, window: float) -> dict: ...
+    def gpu_metrics(self, window: float) -> dict: ...
     def endpoint(self, backend: dict) -> tuple[str, str]: ...
     def http_client(self, backend: dict) -> httpx.Client | None: ...
 
@@ -100,6 +104,19 @@ class RestTransport:
     def settings(self) -> dict:
         return self._call("GET", "sage_nb/api/settings")
 
+    def usage(self, days: int, user: str | None) -> dict:
+        query = f"days={days}" + (f"&user={quote(user)}" if user else "")
+        return self._call("GET", f"sage_nb/api/box/usage?{query}")
+
+    def metrics(self, window: float, points: bool = False) -> dict:
+        return self._call("GET", f"sage_nb/api/metrics?window={window:g}" + ("&points=true" if points else ""))
+
+    def engine_metrics(self, id_or_name: str, window: float) -> dict:
+        return self._call("GET", f"sage_nb/api/metrics/engines/{_path_part(id_or_name)}?window={window:g}")
+
+    def gpu_metrics(self, window: float) -> dict:
+        return self._call("GET", f"sage_nb/api/metrics/gpus?window={window:g}")
+
     def endpoint(self, backend: dict) -> tuple[str, str]:
         """Through the gateway, with the Jupyter token."""
         return self.server.api("sage_nb/v1"), self.server.token or "none"
@@ -157,6 +174,30 @@ class EmbeddedTransport:
 
     def settings(self) -> dict:
         return self.control_plane.settings.to_model()
+
+    def _collector(self):
+        """The control plane's metrics collector, started on first use (one round at once, so the first
+        answer has figures)."""
+        collector = self.control_plane.metrics
+        if not collector.running:
+            collector.collect()
+            self.control_plane.start_metrics()
+        return collector
+
+    def metrics(self, window: float, points: bool = False) -> dict:
+        collector = self._collector()
+        return {"collecting": collector.running, "interval_s": collector.interval, "window_s": window,
+                "engines": collector.overview(window, points)}
+
+    def engine_metrics(self, id_or_name: str, window: float) -> dict:
+        return self._collector().engine_series(id_or_name, window)
+
+    def gpu_metrics(self, window: float) -> dict:
+        return self._collector().gpu_series(window)
+
+    def usage(self, days: int, user: str | None) -> dict:
+        raise NotFound("usage is counted on the box service's shared engines, and this kernel reaches no "
+                       f"server ({self.why_embedded}); run it in a notebook of a server linked to the box service")
 
     def endpoint(self, backend: dict) -> tuple[str, str]:
         """Straight to the engine, with its private key (see :meth:`http_client`)."""

@@ -188,3 +188,53 @@ def one_line(error: ControlPlaneError) -> str:
         match = FAILED_ENGINE.match(message)
         return f"{first} (the engine's log: %llm logs {match['name']})" if match else first
     return message
+
+
+def shares_line(shares: dict[str, dict[str, float]]) -> str:
+    """``engine: alice 62% · bob 38%`` per shared engine (its tokens by user)."""
+    return "; ".join(f"{engine}: " + " · ".join(f"{u} {f:.0%}" for u, f in sorted(by.items(), key=lambda x: -x[1]))
+                     for engine, by in sorted(shares.items()))
+
+
+def usage_table(report: dict) -> Table:
+    """``%llm usage``: rows by day, user and engine; each engine's share by user; the caller's limits."""
+    rows = [[r["day"], r["user"], r["engine"], r["requests"], f"{r['prompt_tokens']:,}",
+             f"{r['completion_tokens']:,}", f"{r['queued_s']:.1f}"] for r in report["rows"]]
+    limits = report.get("limits") or {}
+    daily = limits.get("tokens_per_day")
+    lines = [f"share of work by user: {shares_line(report['shares'])}"] if report.get("shares") else []
+    lines.append(f"{report['user']}: {report['tokens_today']:,} tokens today (UTC)"
+                 + (f" of {daily:,} a day" if daily is not None else ", no daily limit")
+                 + (f"; at most {limits['concurrent']} requests at once" if limits.get("concurrent") else "")
+                 + (f"; own engines up to {limits['gpu_mib']:,} MiB of GPU memory" if limits.get("gpu_mib") else ""))
+    who = "everyone's" if report.get("admin") else "your"
+    span = "today" if report["days"] == 1 else f"the last {report['days']} days"
+    return Table(f"sage_nb: {who} use of the shared engines, {span}",
+                 ["day", "user", "engine", "requests", "prompt tokens", "completion tokens", "queued s"], rows,
+                 empty="no requests to shared engines", footer="\n".join(lines))
+
+
+def _fmt(value, spec: str = "g", suffix: str = "") -> str:
+    return "" if value is None else f"{value:{spec}}{suffix}"
+
+
+def top_table(report: dict) -> Table:
+    """``%llm top``: each engine's requests running and waiting, KV cache in use, token rates and latency
+    over the window, as its own ``/metrics`` say (an engine with none says why)."""
+    rows, notes = [], []
+    for r in report["engines"]:
+        name = r["name"] + (" (shared)" if r.get("shared") else "")
+        if r["status"] != "ok":
+            rows.append([name, r["state"], "", "", "", "", "", "", ""])
+            notes.append(f"{r['name']}: {r['reason']}")
+            continue
+        rows.append([name, r["state"], _fmt(r["running"], ".0f"), _fmt(r["waiting"], ".0f"),
+                     _fmt(r["kv_cache_pct"], ".1f", "%"), _fmt(r["prompt_tps"], ".0f"),
+                     _fmt(r["generation_tps"], ".0f"),
+                     "" if r["ttft_p50_ms"] is None else f"{r['ttft_p50_ms']:.0f} / {r['ttft_p95_ms']:.0f}",
+                     "" if r["itl_p50_ms"] is None else f"{r['itl_p50_ms']:.1f} / {r['itl_p95_ms']:.1f}"])
+    if not report.get("collecting"):
+        notes.append("metrics collection is off (metrics_interval = 0)")
+    return Table(f"sage_nb top: the last {span(report['window_s'])}, read every {report['interval_s']:g} s",
+                 ["engine", "state", "running", "waiting", "KV cache", "prompt tok/s", "gen tok/s",
+                  "TTFT p50/p95 ms", "ITL p50/p95 ms"], rows, empty="no engines", footer="\n".join(notes) or None)

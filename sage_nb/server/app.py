@@ -19,9 +19,13 @@ from sage_nb.controlplane.routing.router import Router
 from sage_nb.controlplane.settings import ENV_PREFIX, GpuList
 
 from .box.link import BoxLink
+from .box.routes import SHARE_HANDLERS
 from .box.service import BoxPolicy, salt_secret
+from .box.share import ShareGate
 from .gateway import GATEWAY_HANDLERS, Watchdog
 from .handlers import REST_HANDLERS, NoRouteHandler
+from .metrics.exporter import GatewayStats, registry_for
+from .metrics.handlers import METRICS_HANDLERS
 from .upstream import Upstream
 from .waker import Waker
 
@@ -79,6 +83,10 @@ class SageNBApp(ExtensionApp, SettingTraits):
     box_publishers = Unicode(
         "", help="On the box service: the group (a JupyterHub group or a Unix group) whose members may publish, "
                  "stop, sleep and read the logs of shared engines, besides admins.").tag(config=True)
+    share_limits = Unicode(
+        "", help="On the box service: the limits file (TOML; default limits.toml in its state folder), re-read "
+                 "when it changes: requests at once, tokens per day and GPU memory per user or group, the queue "
+                 "limit (docs/shared-server.md).").tag(config=True)
     stop_engines_on_shutdown = Bool(
         False, help="Stop every engine when the server stops (default: they keep running and "
                     "are re-attached at the next start).").tag(config=True)
@@ -98,10 +106,13 @@ class SageNBApp(ExtensionApp, SettingTraits):
         cp.set_kernel_host(kernel_host(self.serverapp.kernel_manager))
         router = Router(cp.registry, cp.usage)
         self.watchdog = Watchdog(router)
+        waker, stats = Waker(cp), GatewayStats()
         self.settings.update({
             "sage_nb_control_plane": cp,
             "sage_nb_router": router,
-            "sage_nb_waker": Waker(cp),
+            "sage_nb_waker": waker,
+            "sage_nb_stats": stats,
+            "sage_nb_prometheus": registry_for(cp, stats, waker),
             "sage_nb_watchdog": self.watchdog,
             "sage_nb_upstream": Upstream(),
             "sage_nb_request_timeout": self.request_timeout,
@@ -109,8 +120,14 @@ class SageNBApp(ExtensionApp, SettingTraits):
         })
         if self.box_mode:
             self.settings["sage_nb_box"] = BoxPolicy(self.box_publishers, salt_secret(cp.settings.state_dir))
+            try:
+                self.settings["sage_nb_share"] = ShareGate(cp.settings.state_dir, self.share_limits or None,
+                                                           cp.registry.ledger)
+            except ControlPlaneError as e:
+                raise SystemExit(f"sage_nb service: bad limits: {e.message}") from None
         elif cp.settings.box_service:
             self.settings["sage_nb_link"] = BoxLink(cp.settings.box_service, cp.settings.box_key_file)
+        cp.start_metrics()  # its own thread: the event loop never waits for an engine's /metrics
         self.discovery: asyncio.Future | None = None
         self.frozen = 0  # objects exempted from garbage collection once the server was up
         for logger in {self.log, self.serverapp.log, logging.getLogger("tornado")}:
@@ -119,6 +136,8 @@ class SageNBApp(ExtensionApp, SettingTraits):
     async def _start_jupyter_server_extension(self, serverapp) -> None:
         """Discovery runs off the event loop as soon as the server's loop runs."""
         route_first(serverapp.web_app, {h[1] for h in self.handlers})
+        if self.settings.get("sage_nb_share") is not None:
+            self.settings["sage_nb_share"].start()
         self.discovery = asyncio.get_running_loop().run_in_executor(None, self.control_plane.discover)
         asyncio.ensure_future(self._report_discovery())
 
@@ -137,7 +156,8 @@ class SageNBApp(ExtensionApp, SettingTraits):
             self.log.warning("sage_nb: orphaned vLLM processes hold resources: %s", report["orphans"])
 
     def initialize_handlers(self) -> None:
-        self.handlers.extend(REST_HANDLERS + GATEWAY_HANDLERS + [(r"/sage_nb/.*", NoRouteHandler)])
+        self.handlers.extend(REST_HANDLERS + SHARE_HANDLERS + METRICS_HANDLERS + GATEWAY_HANDLERS
+                             + [(r"/sage_nb/.*", NoRouteHandler)])
 
     async def stop_extension(self) -> None:
         if getattr(self, "watchdog", None) is not None:
@@ -145,6 +165,8 @@ class SageNBApp(ExtensionApp, SettingTraits):
             await self.settings["sage_nb_upstream"].close()
         if self.settings.get("sage_nb_link") is not None:
             await self.settings["sage_nb_link"].close()
+        if self.settings.get("sage_nb_share") is not None:
+            self.settings["sage_nb_share"].close()
         cp = getattr(self, "control_plane", None)
         if cp is None:
             return

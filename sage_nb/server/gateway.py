@@ -20,6 +20,7 @@ from tornado.ioloop import PeriodicCallback
 
 from sage_nb.controlplane import ControlPlaneError, is_routable
 from sage_nb.controlplane.routing.router import KIND_LABEL, Router
+from sage_nb.controlplane.sharing.sse import UsageTap, reply_usage, stream_options
 from sage_nb.controlplane.state import is_wakeable
 
 from .box.link import BoxUnavailable
@@ -33,7 +34,7 @@ ROUTES = {"v1/chat/completions": ("llm", "/v1/chat/completions"), "v1/completion
           "tokenize": (None, "/tokenize"), "detokenize": (None, "/detokenize")}  # vLLM serves these at its root
 TOKENIZER_ROUTES = ("tokenize", "detokenize")
 WATCH_INTERVAL = 1.0  # seconds between checks that the engine of an in-flight request is still ready
-PASS_HEADERS = ("Content-Type", "Cache-Control", "X-Request-Id")
+PASS_HEADERS = ("Content-Type", "Cache-Control", "X-Request-Id", "Retry-After")
 MAX_WAKES = 2  # a request woke an engine that went idle again before it was routed: once more, then 503
 
 
@@ -119,6 +120,13 @@ class ProxyHandler(GatewayHandler):
         self.upstream_started = False
         self.exchange: asyncio.Future | None = None
         self.lost: list[str] = []  # why each replica tried was given up
+        self.tap: UsageTap | None = None  # on the box service: the usage of a streamed reply
+        self.ticket = None  # on the box service: (the request's place at its engine, the engine's name)
+        self.engine_name = "-"  # the engine it went to last (for the server's own metrics)
+
+    def on_finish(self) -> None:
+        self.settings["sage_nb_stats"].observe(self.engine_name, self.route, self.get_status(),
+                                               self.request.request_time())
 
     def on_connection_close(self) -> None:
         self.client_gone = True
@@ -163,12 +171,16 @@ class ProxyHandler(GatewayHandler):
             payload = self.request.body
             if body.get("model") != engine.served_model_name or salted is not None:
                 payload = json.dumps({**body, "model": engine.served_model_name}).encode()
+            if salted is not None and "sage_nb_share" in self.settings and not await self._admit(engine):
+                return  # the client went away while it waited for its turn
             router.acquire(engine)
+            self.engine_name = engine.name
             t0 = time.perf_counter()
             try:
                 done = await self._forward(engine, payload, body.get("stream") is True)
             finally:
                 router.release(engine)
+                self._account(None)  # not answered in full: the slot goes back, no usage row
             if log.isEnabledFor(logging.DEBUG):
                 log.debug("sage_nb gateway: %s -> engine %s (%s) %.1f ms", self.route, engine.name,
                           engine.base_url, (time.perf_counter() - t0) * 1000)
@@ -179,18 +191,43 @@ class ProxyHandler(GatewayHandler):
                 continue
             tried.add(engine.id)  # connection failed before the first byte: try another replica
 
+    async def _admit(self, engine) -> bool:
+        """On the box service: wait for the caller's turn at ``engine`` (fair share); False when the client
+        went away meanwhile (its place in the queue is gone at once)."""
+        waiting = asyncio.ensure_future(self.settings["sage_nb_share"].admit(self.current_user, engine))
+        self.exchange = waiting  # a client that hangs up cancels the wait
+        try:
+            self.ticket = (await waiting, engine.name)
+            return True
+        except asyncio.CancelledError:
+            if self.client_gone:
+                return False
+            raise
+        finally:
+            self.exchange = None
+
+    def _account(self, usage: dict | None) -> None:
+        """On the box service: the request's slot at its engine goes to the next user, and its usage row is
+        written (committed before the answer's end reaches the client: a killed service loses no row)."""
+        if self.ticket is not None:
+            (ticket, engine_name), self.ticket = self.ticket, None
+            self.settings["sage_nb_share"].done(ticket, engine_name, usage)
+
     def _on_the_box(self, body: dict, model: str | None) -> dict | None:
-        """On the box service: record the caller's request and give it the caller's own ``cache_salt``
-        (whatever the caller sent), so no user can time another's prompts through the prefix cache.
-        Returns the body to send (``None``: not the box service)."""
+        """On the box service: check the caller's limits (a 429 over one), give the request the caller's
+        own ``cache_salt`` (whatever the caller sent), so no user can time another's prompts through the
+        prefix cache, and ask a stream for its usage, to count it. Returns the body to send (``None``: not
+        the box service, or a tokenizer route, which is neither limited nor counted)."""
         box = self.settings.get("sage_nb_box")
         user = self.current_user
-        if box is None or user is None:
+        if box is None or user is None or self.route in TOKENIZER_ROUTES:
             return None
-        box.record(user.username, model or "")
-        if self.route in TOKENIZER_ROUTES:
-            return None
-        return {**body, "cache_salt": box.cache_salt(user.username)}
+        self.settings["sage_nb_share"].check(user)
+        body = {**body, "cache_salt": box.cache_salt(user.username)}
+        if body.get("stream") is True:
+            body, asked = stream_options(body)
+            self.tap = UsageTap(pass_usage=asked)
+        return body
 
     async def _to_box(self, model: str | None, stream: bool) -> bool:
         """Pass the request to the box service when one of its shared engines serves it (under this
@@ -210,6 +247,7 @@ class ProxyHandler(GatewayHandler):
             raise ApiError(502, str(e)) from None
         if stream:
             self.request.connection.stream.set_nodelay(True)
+        self.engine_name = "(box service)"
         url = link.url + "sage_nb/" + self.route
         exchange = asyncio.ensure_future(self._exchange(self.settings["sage_nb_upstream"], url, credential,
                                                         self.request.body, stream,
@@ -292,13 +330,24 @@ class ProxyHandler(GatewayHandler):
             try:
                 if not stream:
                     body = await response.read()
+                    if self.ticket is not None and response.status == 200:
+                        self._account(reply_usage(body))
                     self._start_reply(response.status, response.headers)
                     self.write(body)
                     return
                 self._start_reply(response.status, response.headers)
+                tap = self.tap
                 async for chunk in response.content.iter_any():
+                    if tap is not None:
+                        chunk = tap.feed(chunk)
+                        if tap.usage is not None and self.ticket is not None:
+                            self._account(tap.usage)
+                        if not chunk:
+                            continue
                     self.write(chunk)
                     self.flush()
+                if tap is not None and (rest := tap.flush()):
+                    self.write(rest)
             except BaseException:
                 response.close()  # never back into the pool half-read: the engine sees the close
                 raise

@@ -21,15 +21,19 @@ NO_TOKEN = ("the Jupyter token is missing or wrong: send the server's token (Aut
 # the "type" of OpenAI's error bodies, by status
 ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
                404: "not_found_error", 409: "conflict_error", 502: "upstream_error", 503: "service_unavailable",
-               504: "timeout_error"}
+               429: "requests", 504: "timeout_error"}
 
 
 class ApiError(web.HTTPError):
-    """An HTTP error whose ``message`` goes to the client verbatim as ``{"message": ...}``."""
+    """An HTTP error whose ``message`` goes to the client verbatim as ``{"message": ...}``; ``headers``
+    (``Retry-After``) and OpenAI's error ``type`` and ``code`` where they say more than the status."""
 
-    def __init__(self, status: int, message: str) -> None:
+    def __init__(self, status: int, message: str, headers: dict[str, str] | None = None,
+                 error_type: str | None = None, code: str | int | None = None) -> None:
         super().__init__(status, message)
         self.message = message
+        self.headers = headers or {}
+        self.error_type, self.code = error_type, code
 
 
 class SageHandler(ExtensionHandlerMixin, APIHandler):
@@ -105,8 +109,12 @@ class SageHandler(ExtensionHandlerMixin, APIHandler):
         whose clients show ``error.message`` (a refused token says how to send one)."""
         exc = kwargs.get("exc_info", (None, None, None))[1]
         denied = getattr(self, "_sage_nb_denied", None)  # the box service refused the caller's credential
+        error_type = code = None
         if isinstance(exc, ApiError):
             message = exc.message
+            for name, value in exc.headers.items():
+                self.set_header(name, value)
+            error_type, code = exc.error_type, exc.code
         elif status_code == 403 and denied is not None:
             status_code, message = denied.status, denied.message
             self.set_status(status_code)
@@ -115,7 +123,8 @@ class SageHandler(ExtensionHandlerMixin, APIHandler):
         else:
             message = getattr(exc, "log_message", None) or self._reason
         self.set_header("Content-Type", "application/json")
-        error = {"message": message, "type": ERROR_TYPES.get(status_code, "server_error"), "code": status_code}
+        error = {"message": message, "type": error_type or ERROR_TYPES.get(status_code, "server_error"),
+                 "code": code or status_code}
         self.finish(json.dumps({"message": message, "error": error}))
 
     def _authenticated(self) -> bool:
@@ -177,7 +186,12 @@ class EnginesHandler(ReadOnlyPolled):
                                     "(the box_service setting; see docs/shared-server.md)")
             await self.forward("POST", "sage_nb/api/engines", {k: v for k, v in body.items() if k != "shared"})
             return
-        self.reply(await self.call(self.cp.start, req, wait=False), 202)
+        try:
+            started = await self.call(self.cp.start, req, wait=False)
+        except ApiError as e:
+            self.settings["sage_nb_stats"].refused(e.status_code)
+            raise
+        self.reply(started, 202)
 
 
 class EngineHandler(ReadOnlyPolled):
@@ -326,11 +340,22 @@ class BoxHandler(SageHandler):
             caller = self.current_user
             self.reply({"service": SERVICE_NAME, "user": caller.username, "via": caller.via,
                         "may_publish": self.box.may_publish(caller), "publishers": self.box.publishers,
-                        "usage": self.box.usage_model()})
+                        "admin": self.box.may_administer(caller),
+                        "usage": usage_summary(self.settings["sage_nb_share"].usage.rows(days=1))})
         elif self.link is not None:
             self.reply(await self.link.status())
         else:
             self.reply({"state": "off", "reason": "no box service is configured (the box_service setting)"})
+
+
+def usage_summary(rows: list[dict]) -> dict:
+    """Today's requests by user and engine: ``{user: {"requests": n, "models": {engine: n}}}``."""
+    out: dict[str, dict] = {}
+    for row in rows:
+        entry = out.setdefault(row["user"], {"requests": 0, "models": {}})
+        entry["requests"] += row["requests"]
+        entry["models"][row["engine"]] = entry["models"].get(row["engine"], 0) + row["requests"]
+    return out
 
 
 class NoRouteHandler(SageHandler):

@@ -90,6 +90,38 @@ def share(bar, segment) -> float:
     return segment.bounding_box()["width"] / bar.locator(".sage-nb-bar").bounding_box()["width"]
 
 
+def pairs(path) -> list[tuple[float, float]]:
+    """The points of a rendered bqplot line (its SVG path's coordinates)."""
+    d = path.get_attribute("d") or ""
+    return [(float(x), float(y)) for x, y in re.findall(r"[ML]\s*(-?[\d.]+)[, ](-?[\d.]+)", d)]
+
+
+def check_plots(page, server) -> None:
+    """The plots under the dashboard: tiny's tokens/s line holds a point per reading the server kept (the
+    first has no rate yet), is not flat once chats ran, and grows with each refresh; GPU0's memory is
+    stacked by its owners."""
+    for n in (8, 16, 32):
+        code, _ = server.request("POST", "sage_nb/v1/chat/completions", {
+            "model": "tiny", "max_tokens": n, "ignore_eos": True, "messages": [{"role": "user", "content": "hi"}]})
+        assert code == 200
+    page.wait_for_timeout(5000)  # two readings and a dashboard refresh after the chats
+    figure = page.locator(".jp-OutputArea .bqplot.figure", has_text="tiny: tokens/s")
+    figure.wait_for(timeout=30_000)
+    prompt_line, generated_line = figure.locator("path.line").all()[:2]
+    code, series = server.request("GET", "sage_nb/api/metrics/engines/tiny?window=600")
+    assert code == 200 and series["status"] == "ok", series
+    drawn = pairs(generated_line)
+    kept = len(series["points"])
+    assert kept - 3 <= len(drawn) <= kept, (len(drawn), kept)  # less the first (no rate) and a refresh's lag
+    assert len({y for _, y in drawn}) > 1  # the chats' tokens/s: not a flat line
+    assert any(r["generation_tps"] for r in series["points"] if r["generation_tps"] is not None)
+    page.wait_for_timeout(4500)
+    assert len(pairs(generated_line)) > len(drawn)  # live: new readings drawn
+    memory = page.locator(".jp-OutputArea .bqplot.figure", has_text="GPU0")
+    assert memory.locator("path.line").count() >= 2  # tiny, the job's user, what no one explains
+    assert "tiny" in memory.inner_text()
+
+
 def test_dashboard_renders_in_jupyterlab(lab, neighbours, tmp_path):
     from playwright.sync_api import sync_playwright
 
@@ -145,6 +177,7 @@ def test_dashboard_renders_in_jupyterlab(lab, neighbours, tmp_path):
             page.wait_for_timeout(4500)
             assert seconds(uptime.inner_text()) >= first + 3, (first, uptime.inner_text())
             assert page.get_by_text("TP GPUs").first.is_visible()  # a GPU box: tensor parallel is offered
+            check_plots(page, server)
             news = page.get_by_role("button", name="No", exact=True)  # JupyterLab's news prompt
             if news.count():
                 news.first.click()

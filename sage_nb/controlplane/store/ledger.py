@@ -28,6 +28,7 @@ from pathlib import Path
 
 from ..engines import process
 from ..errors import StateError
+from .caps import check_cap
 
 LEDGER_FILE = "ledger.sqlite3"
 NETWORK_FS = ("nfs", "nfs4", "cifs", "smb3", "smbfs", "fuse.sshfs", "9p", "lustre", "gpfs", "ceph")
@@ -209,8 +210,11 @@ class SharedLedger:
     @staticmethod
     def book(conn: sqlite3.Connection, *, engine_id: str, engine_name: str, gpu_uuid: str, gpu_index: int,
              mib: int, pid: int | None = None, start_time: float | None = None) -> None:
-        """Book ``mib`` on a GPU for one engine of this user (inside :meth:`transaction`)."""
+        """Book ``mib`` on a GPU for one engine of this user (inside :meth:`transaction`); a
+        :class:`~..errors.Conflict` when it would take the user over the memory cap the box service's
+        admin set (:mod:`.caps`)."""
         uid = os.getuid()
+        check_cap(conn, _who(uid), uid, engine_id, gpu_uuid, mib)
         conn.execute(f"INSERT OR REPLACE INTO bookings ({', '.join(COLUMNS)}) VALUES ({', '.join('?' * len(COLUMNS))})",
                      (engine_id, gpu_uuid, gpu_index, mib, uid, _who(uid), engine_name, pid, start_time, time.time()))
 

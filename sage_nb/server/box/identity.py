@@ -6,16 +6,14 @@ under-scoped one, is refused with words that say what to do (:class:`Denied`).""
 
 from __future__ import annotations
 
-import grp
 import os
-import pwd
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from jupyter_server.auth.identity import IdentityProvider, User
 from traitlets import Int, Unicode
 
+from sage_nb.controlplane.store.caps import unix_groups
 from sage_nb.controlplane.store.keys import KEY_PREFIX, KeyStore, KeyStoreError
 
 NO_CREDENTIAL = ("no credential: send your JupyterHub token (the JUPYTERHUB_API_TOKEN of your server) or the key "
@@ -37,33 +35,6 @@ class Denied(Exception):
     def __init__(self, status: int, message: str) -> None:
         super().__init__(message)
         self.status, self.message = status, message
-
-
-GROUPS_TTL = 10.0  # seconds a user's Unix groups are reused (reading /etc/group each request cost 50 us)
-_groups: dict[str, tuple[float, frozenset[str]]] = {}
-
-
-def unix_groups(user: str) -> frozenset[str]:
-    """The Unix groups of ``user`` (its primary group too), cached ``GROUPS_TTL`` s; empty for a name the
-    system does not know."""
-    now = time.monotonic()
-    hit = _groups.get(user)
-    if hit is None or now - hit[0] > GROUPS_TTL:
-        hit = _groups[user] = (now, frozenset(_read_groups(user)))
-    return hit[1]
-
-
-def _read_groups(user: str) -> set[str]:
-    try:
-        primary = pwd.getpwnam(user).pw_gid
-    except KeyError:
-        return set()
-    names = {g.gr_name for g in grp.getgrall() if user in g.gr_mem}
-    try:
-        names.add(grp.getgrgid(primary).gr_name)
-    except KeyError:
-        pass
-    return names
 
 
 class BoxIdentityProvider(IdentityProvider):

@@ -22,9 +22,6 @@ import hmac
 import os
 import secrets
 import sys
-import threading
-import time
-from collections import defaultdict
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -50,13 +47,15 @@ class NotPublisher(ControlPlaneError):
 
 
 class BoxPolicy:
-    """What the service allows whom, and what it records of each user."""
+    """What the service allows whom."""
 
     def __init__(self, publishers: str, salt_secret: bytes) -> None:
         self.publishers = publishers  # a group (hub group or Unix group); "" : admins only
         self._secret = salt_secret
-        self._lock = threading.Lock()
-        self.usage: dict[str, dict] = defaultdict(lambda: {"requests": 0, "last_request_at": None, "models": {}})
+
+    def may_administer(self, caller: Caller) -> bool:
+        """Admins (the hub's, or root): they see every user's usage and the whole limits file."""
+        return caller.admin or caller.username == "root"
 
     def may_publish(self, caller: Caller) -> bool:
         return caller.admin or caller.username == "root" or bool(self.publishers and self.publishers in caller.groups)
@@ -72,17 +71,6 @@ class BoxPolicy:
         """The ``cache_salt`` of every request of ``user``: one user cannot time another's prompts
         through the prefix cache (CVE-2025-46570). Stable per user, unguessable without the secret."""
         return hmac.new(self._secret, user.encode(), hashlib.sha256).hexdigest()[:32]
-
-    def record(self, user: str, model: str) -> None:
-        with self._lock:
-            entry = self.usage[user]
-            entry["requests"] += 1
-            entry["last_request_at"] = time.time()
-            entry["models"][model] = entry["models"].get(model, 0) + 1
-
-    def usage_model(self) -> dict:
-        with self._lock:
-            return {user: {**u, "models": dict(u["models"])} for user, u in self.usage.items()}
 
 
 def salt_secret(state_dir: Path) -> bytes:
@@ -130,7 +118,8 @@ def server_argv(args) -> list[str]:
             "--ServerApp.authorizer_class=sage_nb.server.box.service.BoxAuthorizer",
             f"--BoxIdentityProvider.keys_dir={state}", f"--BoxIdentityProvider.hub_cache_age={args.hub_cache_age}",
             f"--SageNBApp.state_dir={state}", "--SageNBApp.box_mode=True",
-            f"--SageNBApp.box_publishers={args.publishers}", *(["--allow-root"] if args.allow_root else []),
+            f"--SageNBApp.box_publishers={args.publishers}", f"--SageNBApp.share_limits={args.limits}",
+            *(["--allow-root"] if args.allow_root else []),
             *args.server_args]
 
 
@@ -143,6 +132,7 @@ def main(argv: list[str] | None = None) -> None:
                         help="the service's registry, engine logs and key store (default $SAGE_NB_STATE_DIR)")
     parser.add_argument("--publishers", default="", help="the group whose members may publish shared engines "
                                                          "(besides admins)")
+    parser.add_argument("--limits", default="", help="the limits file (default: limits.toml in the state dir)")
     parser.add_argument("--hub-cache-age", type=int, default=60, help="seconds a hub token's check is cached")
     parser.add_argument("--allow-root", action="store_true", help=argparse.SUPPRESS)  # tests and benchmarks only
     parser.add_argument("server_args", nargs="*", help="more jupyter_server/SageNBApp options (after --)")

@@ -27,11 +27,14 @@ Environment (a flag is on for any non-empty value):
 - ``STUB_BUSY``: never answer a POST either, but ``/metrics`` serves ``vllm:generation_tokens_total``,
   which keeps increasing (busy, not hung). Without it ``/metrics`` is a 404.
 - ``STUB_STREAM_PARTS``: chunks per stream (default 3), ``STUB_STREAM_GAP_MS`` apart (default 50),
-  then ``data: [DONE]``.
+  then, with ``stream_options.include_usage``, a usage-only event (as vLLM's: ``choices`` empty, one completion
+  token per chunk), then ``data: [DONE]``.
 - ``STUB_SLEEP_MS`` / ``STUB_WAKE_MS``: how long ``/sleep`` / ``/wake_up`` take (default 0); other
   connections are served meanwhile, and the engine falls asleep or wakes even if the caller hangs up.
 - ``STUB_WAKE_FAIL``: ``/wake_up`` fails, a 500, and the engine stays asleep.
 - ``STUB_REPLY_MS``: how long a plain (not streamed) chat or completion takes to answer (default 0).
+- ``STUB_METRICS``: ``current`` or ``old``: ``/metrics`` counts what the stub answered, in vLLM's names
+  now or before its renames (``stub_metrics.py``).
 
 A test injects a fault with a body field ``"stub_fault": {"port": P, "do": "die" | "drop"}``: the
 engine on port P, once it has read the request, SIGKILLs itself without answering ("die"), or closes
@@ -63,6 +66,7 @@ from .stub_http import (
     parse_head,
     response,
 )
+from .stub_metrics import PROMETHEUS, StubMetrics, busy_page
 from .stub_sleep import DEV_ROUTES, SleepMode, SleepRoutes
 
 CACHE_SIZE = 256  # replies precomputed per (route, model, ...); cleared when full
@@ -93,6 +97,7 @@ class Stub(SleepMode):
         self.wake_delay = float(env.get("STUB_WAKE_MS") or 0) / 1000
         self.wake_fails = bool(env.get("STUB_WAKE_FAIL"))
         self.reply_delay = float(env.get("STUB_REPLY_MS") or 0) / 1000
+        self.counted = StubMetrics(env["STUB_METRICS"], self.served) if env.get("STUB_METRICS") else None
         self.sleeping = False
         self.wakes = 0  # wake_ups served
         self.ops: set[asyncio.Task] = set()  # sleeps and wake_ups under way
@@ -115,12 +120,6 @@ class Stub(SleepMode):
             value = self.cache[key] = build()
         return value
 
-    def metrics(self) -> bytes:
-        """vLLM's progress counter, moving all the time (``STUB_BUSY``)."""
-        text = ("# TYPE vllm:generation_tokens_total counter\n"
-                f'vllm:generation_tokens_total{{model_name="{self.served}"}} {time.time() * 100:.1f}\n')
-        return response(200, text.encode(), b"text/plain; version=0.0.4; charset=utf-8")
-
     def reply(self, path: str, model: str) -> bytes:
         return self._cached((path, model), lambda: response(200, self._reply_body(path, model)))
 
@@ -134,11 +133,11 @@ class Stub(SleepMode):
         return {"id": "cmpl-stub", "object": "text_completion", **common,
                 "choices": [{"index": 0, "finish_reason": "stop", "text": "stub", "logprobs": None}]}
 
-    def events(self, path: str, model: str) -> list[bytes]:
-        """A stream's events, each framed as a chunk."""
-        return self._cached(("stream", path, model), lambda: self._events(path, model))
+    def events(self, path: str, model: str, usage: bool = False) -> list[bytes]:
+        """A stream's events, each framed as a chunk (``usage``: and vLLM's usage-only event last)."""
+        return self._cached(("stream", path, model, usage), lambda: self._events(path, model, usage))
 
-    def _events(self, path: str, model: str) -> list[bytes]:
+    def _events(self, path: str, model: str, usage: bool = False) -> list[bytes]:
         raw = []
         for i in range(self.parts):
             finish = "stop" if i == self.parts - 1 else None
@@ -151,6 +150,11 @@ class Stub(SleepMode):
                          "choices": [{"index": 0, "text": f"part{i}", "finish_reason": finish, "logprobs": None}]}
             event.update(created=self.created, model=model, served_by=self.port)
             raw.append(frame(b"data: " + json.dumps(event).encode() + b"\n\n"))
+        if usage:  # as vLLM writes it: compact JSON, no choices
+            last = {"id": "chatcmpl-stub" if path == CHAT else "cmpl-stub", "created": self.created, "model": model,
+                    "choices": [], "usage": {"prompt_tokens": 4, "completion_tokens": self.parts,
+                                             "total_tokens": 4 + self.parts}}
+            raw.append(frame(b"data: " + json.dumps(last, separators=(",", ":")).encode() + b"\n\n"))
         return raw
 
     def tokenize(self, path: str, req: dict) -> dict:
@@ -239,7 +243,8 @@ class Http(SleepRoutes, asyncio.Protocol):
         if path == "/openapi.json":
             return self.send(stub.openapi, keep)
         if path == "/metrics":
-            return self.send(stub.metrics() if stub.busy else NOT_FOUND, keep)
+            page = busy_page(stub.served) if stub.busy else stub.counted and stub.counted.page()
+            return self.send(response(200, page.encode(), PROMETHEUS) if page else NOT_FOUND, keep)
         if stub.auth and path.startswith("/v1") and headers.get("authorization") != stub.auth:
             return self.send(UNAUTHORIZED, keep)
         if path == "/v1/models":
@@ -270,8 +275,12 @@ class Http(SleepRoutes, asyncio.Protocol):
         if path in stub.generating:
             if stub.sleeping:  # never answered by a sleeping engine
                 return self.send(ASLEEP, keep)
+            if stub.counted:
+                stub.counted.add(stub.parts if req.get("stream") else 1, stub.reply_delay)
             if req.get("stream"):
-                return self.stream(stub.events(path, model), keep)
+                options = req.get("stream_options")
+                usage = isinstance(options, dict) and options.get("include_usage") is True
+                return self.stream(stub.events(path, model, usage), keep)
             if "cache_salt" in req:  # echoed, so a test sees the salt that reached the engine
                 body = {**stub._reply_body(path, model), "cache_salt": req["cache_salt"]}
                 return self.send(response(200, body), keep)
