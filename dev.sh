@@ -28,11 +28,11 @@ install() {
 
 case "${1:-}" in
     run)
-        install ""
+        install ",tutorials"  # peft for tutorial 06's fine-tune
         exec "$VENV/bin/python" -m sage_nb.lab "${@:2}"
         ;;
     test)
-        install ",test,ray"  # the Ray cluster tests run in CI too (ray stays an opt-in extra for users)
+        install ",test,tutorials,ray"  # the Ray cluster tests run in CI too (ray stays an opt-in extra for users)
         # the dashboard is checked in a real headless Chromium (Debian's; Playwright drives it)
         if [ ! -x /usr/bin/chromium ] && command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
             (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium) >/dev/null

@@ -14,8 +14,9 @@ from __future__ import annotations
 
 from sage_nb.kernel.client import Client, get_client, set_client
 
-__all__ = ["Client", "backends", "embeddings", "engines", "get_client", "gpu_metrics", "langchain_chat",
-           "langchain_embeddings", "llm", "metrics", "prune", "set_client", "start", "stop"]
+__all__ = ["Client", "adapters", "backends", "embeddings", "engines", "get_client", "gpu_metrics", "langchain_chat",
+           "langchain_embeddings", "llm", "load_adapter", "metrics", "prune", "set_client", "start", "stop",
+           "unload_adapter"]
 
 
 def llm(model: str | None = None):
@@ -72,3 +73,19 @@ def metrics(id_or_name: str | None = None, window: float = 600.0, points: bool =
 def gpu_metrics(window: float = 600.0) -> dict:
     """Each GPU's memory over the last ``window`` seconds, by owner."""
     return get_client().gpu_metrics(window)
+
+
+def load_adapter(name: str, path: str, engine: str | None = None) -> dict:
+    """Load the LoRA adapter at ``path`` as ``name`` onto ``engine`` (default: the one engine started with
+    ``lora=True``); then ``llm(name)`` uses it."""
+    return get_client().load_adapter(name, path, engine)
+
+
+def unload_adapter(name: str, engine: str | None = None) -> list[dict]:
+    """Unload adapter ``name`` (from ``engine``, default every engine holding it)."""
+    return get_client().unload_adapter(name, engine)
+
+
+def adapters() -> list[dict]:
+    """Every LoRA adapter on the engines, with its engine and base model (``parent``)."""
+    return get_client().adapters()

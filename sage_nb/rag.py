@@ -206,11 +206,12 @@ class RAG:
                 for i in top_k(scores, k)]
 
     def ask(self, question: str, k: int = 4, max_tokens: int = 256, temperature: float = 0.0,
-            system: str | None = None) -> Answer:
-        """Retrieve ``k`` chunks and have an LLM backend answer from them, citing them as [n]."""
+            system: str | None = None, model: str | None = None) -> Answer:
+        """Retrieve ``k`` chunks and have an LLM backend answer from them, citing them as [n] (``model``: a
+        served name or a LoRA adapter's, instead of ``llm_model``)."""
         _check_query(question, k)
         integer("max_tokens", max_tokens)
-        llm = self.client.llm(self.llm_model)  # no LLM backend: fail before any embedding work
+        llm = self.client.llm(model or self.llm_model)  # no LLM backend: fail before any embedding work
         sources = self.search(question, k)
         context = "\n\n".join(f"[{i}] ({c.source})\n{c.text}" for i, c in enumerate(sources, 1))
         prompt = (f"Context passages:\n\n{context or '(none)'}\n\nQuestion: {question}\n"

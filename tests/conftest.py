@@ -116,6 +116,16 @@ def tiny_llama(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_adapters(tiny_llama, tmp_path_factory) -> dict[str, Path]:
+    """Two LoRA adapters trained with peft on the tiny Llama (a second each): with ``jupyter`` it answers
+    "jupyter" to any question under greedy decoding, with ``pandas`` "pandas"."""
+    from sage_nb.testing.tinylora import make_tiny_adapter
+
+    where = tmp_path_factory.mktemp("adapters")
+    return {word: make_tiny_adapter(tiny_llama, where / word, answer=word) for word in ("jupyter", "pandas")}
+
+
+@pytest.fixture(scope="session")
 def minilm() -> Path:
     from sage_nb.testing.tinymodel import minilm_path
 

@@ -231,6 +231,8 @@ def test_ask_builds_numbered_context_and_returns_sources():
     assert "[3]" not in user["content"] and "Question: Which insects make honey?" in user["content"]
     rag.ask("q", k=1, system="Be terse.")
     assert fake.chats[-1]["messages"][0]["content"] == "Be terse."
+    assert rag.ask("q", k=1, model="my-adapter").model == "my-adapter"  # e.g. a LoRA adapter's name
+    assert fake.chats[-1]["model"] == "my-adapter"
     shown = str(answer)
     assert shown.startswith("It is [1].\n\nSources:\n[1] text[4]@0 (score ") and "[2] " in shown
     assert "**Sources**" in answer._repr_markdown_() and "- [1] text[4]@0" in answer._repr_markdown_()

@@ -14,6 +14,7 @@ import uuid
 from pathlib import Path
 
 from . import validation
+from .adapters import keeper as adapters
 from .cluster.agents import ClusterInventory
 from .engines import idle, process, scope, waking
 from .engines.scope import KernelHost
@@ -141,12 +142,16 @@ class ControlPlane:
                      extra_args: list[str] | tuple[str, ...] = (), wait: bool = True,
                      dtype: str | None = None, gpu_memory_utilization: float | None = None,
                      timeout: float | None = None, keep_alive: float | str | None = None,
-                     kernel_id: str | None = None, notebook: str | None = None, scope: str = "server") -> dict:
+                     kernel_id: str | None = None, notebook: str | None = None, scope: str = "server",
+                     lora: bool = False, max_loras: int | None = None, max_lora_rank: int | None = None,
+                     adapters: dict[str, str] | None = None) -> dict:
         """Launch a vLLM engine; with ``wait`` block until it is ready (or raise :class:`EngineFailed`).
         ``keep_alive``: how long it may go without a request before it gives its memory back
         (seconds or ``"10m"``; ``-1``: forever; ``None``: the server's default). ``kernel_id`` and
         ``notebook``: who starts it; ``scope="kernel"``: stopped when that kernel ends (:mod:`.engines.scope`).
-        ``node``: run on that node of a cluster (default: the best fit over all nodes).
+        ``node``: run on that node of a cluster (default: the best fit over all nodes). ``lora``: take LoRA
+        adapters while it runs (``max_loras`` per batch, ranks up to ``max_lora_rank``; ``adapters``:
+        name -> path, loaded once it is ready); see :meth:`load_adapter`.
 
         Bad input raises :class:`BadRequest`; a port that is taken or a model that fits
         no GPU raises :class:`Conflict` with the numbers. Nothing is created then.
@@ -156,7 +161,8 @@ class ControlPlane:
                             max_model_len=max_model_len, dtype=dtype,
                             gpu_memory_utilization=gpu_memory_utilization,
                             extra_args=list(extra_args) if isinstance(extra_args, tuple) else extra_args,
-                            keep_alive=keep_alive, kernel_id=kernel_id, notebook=notebook, scope=scope)
+                            keep_alive=keep_alive, kernel_id=kernel_id, notebook=notebook, scope=scope,
+                            lora=lora, max_loras=max_loras, max_lora_rank=max_lora_rank, adapters=adapters)
         return self.start(req, wait=wait, timeout=timeout)
 
     def start(self, req: LaunchRequest, wait: bool = True, timeout: float | None = None) -> dict:
@@ -173,7 +179,8 @@ class ControlPlane:
         """The model's size where a start needs it: for GPU placement, and on a machine without GPUs
         for the host-memory check (``None`` where the start is refused for want of GPUs anyway)."""
         if self.inventory.devices() or not (self.inventory.hidden() or req.gpu_ids or req.node):
-            return self._size(req)
+            spec = self._size(req)
+            return spec.with_lora(req.max_loras, req.max_lora_rank, req.dtype) if req.lora else spec
         return None
 
     def _size(self, req: LaunchRequest) -> ModelSpec:
@@ -202,6 +209,9 @@ class ControlPlane:
                         extra_args=req.extra_args, log_path=str(self.settings.log_dir / f"{engine_id}.log"),
                         keep_alive=req.keep_alive_s(self.settings.keep_alive), request=dataclasses.asdict(req),
                         **self.supervisor.scope.owner(req))
+        if req.lora:
+            engine.lora = {"max_loras": req.max_loras, "max_lora_rank": req.max_lora_rank}
+            engine.adapters = adapters.at_start(req, engine, [e for e in txn.engines()])
         views = self._placed(txn, engine, req, spec)
         return engine, views
 
@@ -341,6 +351,20 @@ class ControlPlane:
         embedded control plane runs in): engines may then be tied to a kernel (``scope="kernel"``)
         and are stopped when it ends (see :mod:`.engines.scope`)."""
         self.supervisor.scope.host = host
+
+    # ------------------------------------------------------------------ LoRA adapters (adapters/keeper.py)
+    def load_adapter(self, name: str, path: str, engine: str | None = None, owner: str | None = None) -> dict:
+        """Load the LoRA adapter at ``path`` as ``name`` onto ``engine`` (default: the one engine started
+        with ``lora``); requests then pick it with ``model=name``. Checked before vLLM is called."""
+        return self.supervisor.adapters.load(name, path, engine, owner)
+
+    def unload_adapter(self, name: str, engine: str | None = None, owner: str | None = None) -> list[dict]:
+        """Unload adapter ``name`` (from ``engine``, default every engine holding it) and forget it."""
+        return self.supervisor.adapters.unload(name, engine, owner)
+
+    def adapters(self) -> list[dict]:
+        """Every adapter recorded on a live engine, with its engine."""
+        return self.supervisor.adapters.listing()
 
     # ------------------------------------------------------------------ lifecycle (the Supervisor's)
     def stop_engine(self, id_or_name: str) -> dict:

@@ -16,7 +16,11 @@ DTYPES = ("auto", "half", "float16", "bfloat16", "float", "float32")
 # Flags sage_nb sets itself; an engine may not override them through extra_args.
 MANAGED_FLAGS = ("--model", "--host", "--port", "--api-key", "--served-model-name",
                  "--tensor-parallel-size", "-tp", "--max-model-len", "--dtype",
-                 "--gpu-memory-utilization", "--uds")
+                 "--gpu-memory-utilization", "--uds", "--enable-lora", "--max-loras", "--max-lora-rank",
+                 "--lora-modules", "--max-cpu-loras")
+LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # the ranks vLLM's --max-lora-rank accepts
+DEFAULT_MAX_LORAS = 4
+DEFAULT_MAX_LORA_RANK = 16
 
 
 @dataclass
@@ -40,6 +44,10 @@ class LaunchRequest:
     scope: str = "server"  # "kernel": stopped when that kernel shuts down
     shared: bool = False  # published by the box service to every user of the box (a user's server forwards it)
     publisher: str | None = None  # who published a shared engine: set by the box service, never by a caller
+    lora: bool = False  # started with --enable-lora: adapters can be loaded while it runs (controlplane/adapters)
+    max_loras: int | None = None  # adapters in one batch (vLLM's --max-loras; default 4 with lora)
+    max_lora_rank: int | None = None  # the largest adapter rank it takes (--max-lora-rank; default 16)
+    adapters: dict[str, str] | None = None  # name -> path: loaded once it is ready (implies lora)
 
     def __post_init__(self) -> None:
         validate_model_name(self.model)
@@ -82,9 +90,36 @@ class LaunchRequest:
                              "(scope 'kernel')")
         if self.publisher is not None:
             validation.user_name(self.publisher)
+        self._check_lora()
         if self.keep_alive is not None:
             seconds = validation.duration("keep_alive", self.keep_alive)
             self.keep_alive = FOREVER if seconds is None else seconds
+
+    def _check_lora(self) -> None:
+        for flag in ("lora", "shared"):
+            if not isinstance(getattr(self, flag), bool):
+                raise BadRequest(f"{flag} must be true or false, got {getattr(self, flag)!r}")
+        if self.adapters is not None:
+            if not isinstance(self.adapters, dict) or not all(
+                    isinstance(k, str) and isinstance(v, str) for k, v in self.adapters.items()):
+                raise BadRequest("adapters must map adapter names to adapter directories: {\"name\": \"path\"}")
+            for name in self.adapters:
+                validation.adapter_name(name)
+            self.adapters = {k: str(Path(v).expanduser().resolve()) if Path(v).expanduser().is_dir() else v
+                             for k, v in self.adapters.items()}
+        if self.max_loras is not None or self.max_lora_rank is not None or self.adapters:
+            self.lora = True
+        if not self.lora:
+            return
+        if self.kind != "llm":
+            raise BadRequest("LoRA adapters are for LLM engines; an embedding engine cannot take them")
+        self.max_loras = validation.integer("max_loras", DEFAULT_MAX_LORAS if self.max_loras is None
+                                            else self.max_loras, 1)
+        rank = DEFAULT_MAX_LORA_RANK if self.max_lora_rank is None else self.max_lora_rank
+        if isinstance(rank, bool) or rank not in LORA_RANKS:
+            raise BadRequest(f"max_lora_rank must be one of {', '.join(map(str, LORA_RANKS))} "
+                             f"(vLLM's choices), got {rank!r}")
+        self.max_lora_rank = rank
 
     def keep_alive_s(self, default: float | None) -> float | None:
         """The engine's keep-alive in seconds (``None``: forever), ``default`` when not given."""

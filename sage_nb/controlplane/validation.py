@@ -65,6 +65,14 @@ def engine_name(value) -> str:
     return value
 
 
+def adapter_name(value) -> str:
+    """A name for a LoRA adapter: what a request puts in ``model`` (a REST path part too)."""
+    if not is_engine_name(value):
+        raise BadRequest(f"invalid adapter name {value!r}: letters, digits, '.', '_', '-' "
+                         "(at most 64, starting with a letter or digit)")
+    return value
+
+
 def kernel_id(value) -> str | None:
     """A Jupyter kernel id (``None``: no kernel)."""
     if value is not None and not (isinstance(value, str) and _KERNEL_ID.fullmatch(value)):

@@ -13,9 +13,10 @@ import re
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 from sage_nb.controlplane import ControlPlane, EngineFailed, EngineState, LaunchRequest, NoBackend, NotFound, validation
-from sage_nb.controlplane.routing.router import BackendIndex
+from sage_nb.controlplane.routing.router import BackendIndex, upstream_model
 
 from . import integrations
 from .connection import ServerInfo, this_kernel
@@ -188,6 +189,22 @@ class Client:
         validation.duration("keep_alive", keep_alive)
         return self.transport.set_keep_alive(id_or_name, keep_alive)
 
+    # -------------------------------------------------------------- LoRA adapters
+    def load_adapter(self, name: str, path: str, engine: str | None = None) -> dict:
+        """Load the LoRA adapter at ``path`` (peft's ``save_pretrained`` directory) as ``name`` onto
+        ``engine`` (default: the one engine started with ``lora=True``); then ``llm(name)`` uses it."""
+        validation.adapter_name(name)
+        where = Path(path).expanduser()  # the kernel's working directory, not the server's
+        return self.transport.load_adapter(name, str(where.resolve() if where.exists() else where), engine)
+
+    def unload_adapter(self, name: str, engine: str | None = None) -> list[dict]:
+        """Unload adapter ``name`` (from ``engine``, default every engine holding it); the removed ones."""
+        return self.transport.unload_adapter(name, engine)
+
+    def adapters(self) -> list[dict]:
+        """Every LoRA adapter on the engines, with its engine and base model (``parent``)."""
+        return self.transport.adapters()
+
     # -------------------------------------------------------------- OpenAI clients
     def backend(self, kind: str, model: str | None = None) -> dict:
         """The backend a request of ``kind`` (``llm``/``embedding``) for ``model`` would use (the
@@ -207,7 +224,7 @@ class Client:
 
         chosen = self.backend(kind, model)
         client = openai.OpenAI(**self._endpoint(chosen))
-        client.model = chosen["served_model_name"]
+        client.model = upstream_model(chosen, model)  # an adapter's name stays: it picks the adapter
         client.backend = chosen
         return client
 
@@ -225,7 +242,7 @@ class Client:
         go to ``ChatOpenAI`` (``temperature``, ``max_tokens``, ...)."""
         integrations.langchain_openai()  # a missing package is said before any request
         chosen = self.backend("llm", model)
-        return integrations.chat_model(model=chosen["served_model_name"], **self._endpoint(chosen), **kwargs)
+        return integrations.chat_model(model=upstream_model(chosen, model), **self._endpoint(chosen), **kwargs)
 
     def langchain_embeddings(self, model: str | None = None, **kwargs):
         """A ``langchain_openai.OpenAIEmbeddings`` for an embedding backend that sends raw strings

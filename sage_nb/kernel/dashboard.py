@@ -35,6 +35,16 @@ def cpu_html(note: str, host: dict) -> str:
             f"{host.get('ram_used', 0)} of {host.get('ram_total', 0)} MiB used</div>")
 
 
+def adapter_list(engine: dict) -> str:
+    """The engine's LoRA adapters by name (a failed one marked), ``""`` without."""
+    return ", ".join(a["name"] + (" (failed)" if a.get("error") else "") for a in engine.get("adapters") or ())
+
+
+def adapters_html(engine: dict) -> str:
+    names = adapter_list(engine)
+    return f"<br><small>LoRA: {html.escape(names)}</small>" if names else ""
+
+
 class Dashboard(w.VBox):
     """GPUs, engines, actions and plots over the last ``window`` s; ``%llm dashboard`` shows one.
     Refreshes every ``interval`` s."""
@@ -150,7 +160,7 @@ class Dashboard(w.VBox):
         for e in engines:
             color = STATE_COLORS.get(e["state"], "#000")
             health = health_of(e)
-            values = [html.escape(e["name"]), html.escape(e["served_model_name"]), e["kind"],
+            values = [html.escape(e["name"]), html.escape(e["served_model_name"]) + adapters_html(e), e["kind"],
                       f"<span style='color:{color}'>{e['state']}</span>{phase_html(e)}",
                       ",".join(map(str, e["gpu_ids"])) or "cpu", e["port"]]
             row = [w.HTML(f"<span class='sage-nb-cell'>{v}</span>") for v in values]
@@ -252,7 +262,8 @@ class Dashboard(w.VBox):
             lines.append(f"  {e['name']:<20} {e['kind']:<9} {e['state']:<8}{phase_text(e)} port {e['port']} "
                          f"gpus {','.join(map(str, e['gpu_ids'])) or 'cpu'} {e['served_model_name']}"
                          f" ({health_of(e)}){f' up {up}' if up else ''}{f' idle: {idle}' if idle else ''}"
-                         f"{f' started by {who}' if (who := started_by(e)) else ''}")
+                         f"{f' started by {who}' if (who := started_by(e)) else ''}"
+                         f"{f' adapters: {names}' if (names := adapter_list(e)) else ''}")
         if not data["engines"]:
             lines.append("  no engines")
         return "\n".join(lines)

@@ -72,7 +72,8 @@ class Progress:
 
 @magics_class
 class LLMMagics(Magics):
-    """``%llm start|stop|sleep|wake|keep-alive|engines|backends|gpus|prune|logs|dashboard|doctor`` and ``%%llm``."""
+    """``%llm start|stop|sleep|wake|keep-alive|adapter|adapters|engines|backends|gpus|prune|logs|dashboard|doctor``
+    and ``%%llm``."""
 
     server_url = Unicode("", help="Jupyter server URL (default: this kernel's server).").tag(config=True)
     token = Unicode("", help="Jupyter server token (default: from the server's info file).").tag(config=True)
@@ -119,6 +120,9 @@ class LLMMagics(Magics):
             options["scope"] = args.scope
         if args.shared:
             options["shared"] = True
+        if args.lora or args.max_loras or args.max_lora_rank or args.adapters:
+            options.update(lora=True, max_loras=args.max_loras, max_lora_rank=args.max_lora_rank,
+                           adapters=dict(args.adapters) if args.adapters else None)
         kind = "embedding" if args.embedding else "llm"
         if args.no_wait:
             engine = self.client.start(args.model, kind, wait=False, extra_args=vllm_args, **options)
@@ -154,6 +158,16 @@ class LLMMagics(Magics):
     def _cmd_keep_alive(self, args):
         engine = self.client.set_keep_alive(args.engine, args.value)
         return views.engines_table([engine], f"sage_nb: keep-alive {views.span(engine['keep_alive'])}")
+
+    def _cmd_adapter(self, args):
+        if args.verb == "load":
+            adapter = self.client.load_adapter(args.name, args.path, engine=args.engine)
+            return views.adapters_table([adapter], f"sage_nb: adapter {adapter['name']} on {adapter['engine']}")
+        removed = self.client.unload_adapter(args.name, engine=args.engine)
+        return views.adapters_table(removed, f"sage_nb: unloaded {args.name}")
+
+    def _cmd_adapters(self, args):
+        return views.adapters_table(self.client.adapters())
 
     def _cmd_engines(self, args):
         return views.engines_table(self.client.engines())

@@ -13,7 +13,7 @@ from IPython.core.error import UsageError
 
 from sage_nb.controlplane import validation
 from sage_nb.controlplane.errors import BadRequest
-from sage_nb.controlplane.requests import SCOPES
+from sage_nb.controlplane.requests import LORA_RANKS, SCOPES
 
 
 class _Parser(argparse.ArgumentParser):
@@ -71,6 +71,24 @@ def _temperature(text: str) -> float:
     return value
 
 
+def _lora_rank(text: str) -> int:
+    rank = _positive(text)
+    if rank not in LORA_RANKS:
+        raise argparse.ArgumentTypeError(f"one of {', '.join(map(str, LORA_RANKS))} (vLLM's choices)")
+    return rank
+
+
+def _adapter(text: str) -> tuple[str, str]:
+    name, sep, path = text.partition("=")
+    if not sep or not path:
+        raise argparse.ArgumentTypeError(f"expected NAME=PATH, got {text!r}")
+    try:
+        validation.adapter_name(name)
+    except BadRequest as e:
+        raise argparse.ArgumentTypeError(e.message) from None
+    return name, path
+
+
 DURATIONS = "seconds or 30s, 10m, 1h30m, 2d; forever or -1 for never"
 
 
@@ -95,6 +113,12 @@ def line_parser() -> argparse.ArgumentParser:
                        "(or restarts); server (default): it outlives the kernel")
     start.add_argument("--shared", action="store_true", help="publish it through the box service to every user "
                        "of the box (admins and the publishers' group)")
+    start.add_argument("--lora", action="store_true", help="take LoRA adapters while it runs (%%llm adapter load)")
+    start.add_argument("--max-loras", type=_positive, help="adapters in one batch (default 4; implies --lora)")
+    start.add_argument("--max-lora-rank", type=_lora_rank, help="the largest adapter rank it takes (default 16; "
+                       f"one of {', '.join(map(str, LORA_RANKS))}; implies --lora)")
+    start.add_argument("--adapter", action="append", type=_adapter, dest="adapters", metavar="NAME=PATH",
+                       help="an adapter to load once it is ready (repeatable; implies --lora)")
     start.add_argument("--no-wait", action="store_true", help="return at once while vLLM loads")
     commands = {"stop": "stop an engine (frees its port and GPU memory)", "logs": "show the tail of an engine's log",
                 "sleep": "give an engine's GPU memory back now (it wakes on the next request)",
@@ -116,6 +140,21 @@ def line_parser() -> argparse.ArgumentParser:
                        ("gpus", "GPU memory: used, booked, free"), ("dashboard", "live dashboard widget"),
                        ("doctor", "check the setup and say what to fix")):
         sub.add_parser(name, help=text, description=text)
+    adapter = sub.add_parser("adapter", help="load or unload a LoRA adapter on a running engine",
+                             description="Load a LoRA adapter (a directory peft's save_pretrained wrote) into an "
+                             "engine started with --lora, or unload it. Requests then use it by its name as the "
+                             "model.")
+    verbs = adapter.add_subparsers(dest="verb", metavar="load|unload", required=True, parser_class=_Parser)
+    load = verbs.add_parser("load", help="load an adapter", description="Load an adapter; it is loaded again "
+                            "wherever the engine comes back (wake, relaunch, server restart).")
+    load.add_argument("name", help="the adapter's name: what requests put in 'model'")
+    load.add_argument("path", help="the adapter's directory (adapter_config.json, adapter_model.safetensors)")
+    load.add_argument("--engine", help="the engine (default: the one engine started with --lora)")
+    unload = verbs.add_parser("unload", help="unload an adapter", description="Unload an adapter and forget it.")
+    unload.add_argument("name", help="the adapter's name")
+    unload.add_argument("--engine", help="only from this engine (default: from every engine holding it)")
+    sub.add_parser("adapters", help="LoRA adapters on the engines", description="Every adapter, its engine, "
+                   "rank, state and path.")
     usage = sub.add_parser("usage", help="use of the box's shared engines: yours (an admin: everyone's), and each "
                            "engine's share by user", description="Requests, tokens and time queued on the box "
                            "service's shared engines by user, engine and day (UTC), each engine's share of work by "

@@ -38,6 +38,9 @@ class Transport(Protocol):
     def wake(self, id_or_name: str) -> dict: ...
     def set_keep_alive(self, id_or_name: str, keep_alive: float | str | None) -> dict: ...
     def settings(self) -> dict: ...
+    def adapters(self) -> list[dict]: ...
+    def load_adapter(self, name: str, path: str, engine: str | None) -> dict: ...
+    def unload_adapter(self, name: str, engine: str | None) -> list[dict]: ...
     def usage(self, days: int, user: str | None) -> dict: ...
     def metrics(self, window: float, points: bool = False) -> dict: ...
     def engine_metrics(self, id_or_name: str, window: float) -> dict: ...
@@ -103,6 +106,17 @@ class RestTransport:
 
     def settings(self) -> dict:
         return self._call("GET", "sage_nb/api/settings")
+
+    def adapters(self) -> list[dict]:
+        return self._call("GET", "sage_nb/api/adapters")
+
+    def load_adapter(self, name: str, path: str, engine: str | None) -> dict:
+        body = {"name": name, "path": path, **({"engine": engine} if engine else {})}
+        return self._call("POST", "sage_nb/api/adapters", body)
+
+    def unload_adapter(self, name: str, engine: str | None) -> list[dict]:
+        query = f"?engine={quote(engine)}" if engine else ""
+        return self._call("DELETE", f"sage_nb/api/adapters/{_path_part(name)}{query}")["removed"]
 
     def usage(self, days: int, user: str | None) -> dict:
         query = f"days={days}" + (f"&user={quote(user)}" if user else "")
@@ -174,6 +188,15 @@ class EmbeddedTransport:
 
     def settings(self) -> dict:
         return self.control_plane.settings.to_model()
+
+    def adapters(self) -> list[dict]:
+        return self.control_plane.adapters()
+
+    def load_adapter(self, name: str, path: str, engine: str | None) -> dict:
+        return self.control_plane.load_adapter(name, path, engine)
+
+    def unload_adapter(self, name: str, engine: str | None) -> list[dict]:
+        return self.control_plane.unload_adapter(name, engine)
 
     def _collector(self):
         """The control plane's metrics collector, started on first use (one round at once, so the first

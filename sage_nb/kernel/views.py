@@ -105,15 +105,32 @@ def engines_table(engines: list[dict], title: str = "sage_nb engines") -> Table:
 
 def backends_table(backends: dict, gateway_url: str | None = None) -> Table:
     """The ready backends; with the gateway's URL (server mode), the lines to use each LLM from jupyter-ai."""
-    rows = [[b["kind"], b["served_model_name"], b["name"], b["id"],
-             f"shared by {b.get('publisher') or '?'} (box service)" if b.get("shared") else b["base_url"]]
-            for b in backends["llm_backends"] + backends["embedding_backends"]]
+    rows = []
+    for b in backends["llm_backends"] + backends["embedding_backends"]:
+        rows.append([b["kind"], b["served_model_name"], b["name"], b["id"],
+                     f"shared by {b.get('publisher') or '?'} (box service)" if b.get("shared") else b["base_url"]])
+        rows += [["  adapter", a["name"], b["name"], b["id"], f"LoRA on {b['served_model_name']}"]
+                 for a in b.get("adapters") or () if not a.get("error")]
     hint = jupyter_ai_lines(gateway_url, backends["llm_backends"]) if gateway_url else []
     box = backends.get("box")
     if box and box.get("state") == "unavailable":
         hint.insert(0, f"shared engines unavailable: {box.get('reason')}")
     return Table("sage_nb backends", ["kind", "model", "engine", "id", "engine url"], rows,
                  empty="no ready backends — start one with %llm start <model>", footer="\n".join(hint) or None)
+
+
+def adapters_table(adapters: list[dict], title: str = "sage_nb adapters") -> Table:
+    """LoRA adapters with their engine: name, base, rank, state (loaded, waiting for its engine, or the
+    error of its last load), path."""
+    def state(a: dict) -> str:
+        if a.get("error"):
+            return f"failed: {a['error']}"
+        return "loaded" if a.get("loaded_at") and a.get("engine_state", "ready") == "ready" else \
+            f"loads when {a.get('engine')} is ready"
+    rows = [[a["name"], a.get("engine", ""), a.get("parent", ""), a.get("rank", ""), state(a), a.get("path", "")]
+            for a in adapters]
+    return Table(title, ["adapter", "engine", "base model", "rank", "state", "path"], rows,
+                 empty="no adapters — %llm adapter load NAME PATH (on an engine started with --lora)")
 
 
 def holders(parts: dict | None) -> str:

@@ -18,6 +18,7 @@ from sage_nb.controlplane.engines.scope import KernelHost
 from sage_nb.controlplane.routing.router import Router
 from sage_nb.controlplane.settings import ENV_PREFIX, GpuList
 
+from .adapters.handlers import ADAPTER_HANDLERS
 from .box.link import BoxLink
 from .box.routes import SHARE_HANDLERS
 from .box.service import BoxPolicy, salt_secret
@@ -156,7 +157,7 @@ class SageNBApp(ExtensionApp, SettingTraits):
             self.log.warning("sage_nb: orphaned vLLM processes hold resources: %s", report["orphans"])
 
     def initialize_handlers(self) -> None:
-        self.handlers.extend(REST_HANDLERS + SHARE_HANDLERS + METRICS_HANDLERS + GATEWAY_HANDLERS
+        self.handlers.extend(REST_HANDLERS + ADAPTER_HANDLERS + SHARE_HANDLERS + METRICS_HANDLERS + GATEWAY_HANDLERS
                              + [(r"/sage_nb/.*", NoRouteHandler)])
 
     async def stop_extension(self) -> None:

@@ -19,7 +19,7 @@ from tornado import web
 from tornado.ioloop import PeriodicCallback
 
 from sage_nb.controlplane import ControlPlaneError, is_routable
-from sage_nb.controlplane.routing.router import KIND_LABEL, Router
+from sage_nb.controlplane.routing.router import KIND_LABEL, Router, upstream_model
 from sage_nb.controlplane.sharing.sse import UsageTap, reply_usage, stream_options
 from sage_nb.controlplane.state import is_wakeable
 
@@ -169,8 +169,9 @@ class ProxyHandler(GatewayHandler):
                 router.refresh()
                 continue
             payload = self.request.body
-            if body.get("model") != engine.served_model_name or salted is not None:
-                payload = json.dumps({**body, "model": engine.served_model_name}).encode()
+            upstream = upstream_model(engine, model) if engine.adapters else engine.served_model_name
+            if body.get("model") != upstream or salted is not None:
+                payload = json.dumps({**body, "model": upstream}).encode()
             if salted is not None and "sage_nb_share" in self.settings and not await self._admit(engine):
                 return  # the client went away while it waited for its turn
             router.acquire(engine)

@@ -10,6 +10,7 @@ CLI: ``python -m sage_nb.testing.tinymodel [DIR]`` creates the tiny model and pr
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import os
@@ -89,9 +90,7 @@ def make_tiny_llama(dest: str | os.PathLike[str], *, overwrite: bool = False) ->
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.parent / f".{dest.name}.tmp-{uuid.uuid4().hex[:8]}"
-    try:
+    with written_in_place(dest) as tmp:
         bpe = Tokenizer(models.BPE())
         bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
         bpe.decoder = decoders.ByteLevel()
@@ -141,13 +140,24 @@ def make_tiny_llama(dest: str | os.PathLike[str], *, overwrite: bool = False) ->
         tok_cfg.update(tokenizer_class="PreTrainedTokenizerFast", chat_template=CHAT_TEMPLATE)
         tok_cfg_path.write_text(json.dumps(tok_cfg, indent=2) + "\n")
         (tmp / MARKER).write_text(json.dumps({"seed": SEED, "vocab_size": len(tok)}) + "\n")
+    return dest
+
+
+@contextlib.contextmanager
+def written_in_place(dest: pathlib.Path):
+    """A fresh directory beside ``dest`` to write into; once the block ends without an error it replaces
+    ``dest`` (a reader never sees half a model), else it is removed."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.parent / f".{dest.name}.tmp-{uuid.uuid4().hex[:8]}"
+    try:
+        tmp.mkdir()
+        yield tmp
         if dest.exists():
             shutil.rmtree(dest)
         tmp.rename(dest)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
-    return dest
 
 
 def main(argv: list[str] | None = None) -> int:

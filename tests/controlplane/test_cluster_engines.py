@@ -31,10 +31,10 @@ def control_plane(address: str, state_dir, port_range=(18600, 18699)):
                         health_interval=0.2, stop_grace=3.0, port_range=port_range, adopt_unrecorded=False)
 
 
-def chat(cp, engine: dict) -> httpx.Response:
+def chat(cp, engine: dict, model: str | None = None) -> httpx.Response:
     return httpx.post(f"http://{engine['host']}:{engine['port']}/v1/chat/completions", timeout=10,
                       headers={"Authorization": f"Bearer {cp.api_key(engine['id'])}"},
-                      json={"model": engine["name"], "messages": [{"role": "user", "content": "hi"}],
+                      json={"model": model or engine["name"], "messages": [{"role": "user", "content": "hi"}],
                             "max_tokens": 4})
 
 
@@ -51,14 +51,18 @@ def shared(tmp_path_factory):
 
 def test_idle_engines_on_nodes_are_unloaded_and_woken_again(ray_cluster, shared):
     """Idle engines on a node: unloaded after their keep-alive (process gone on the node, booking
-    released, record kept), woken by the one placement path, and unloaded on demand."""
+    released, record kept), woken by the one placement path, and unloaded on demand; its LoRA adapter is
+    loaded again on the node each time it comes back (the stub's LoRA routes: a request for an adapter
+    the engine does not hold is a 404, as vLLM's)."""
     from sage_nb.controlplane.cluster import raylaunch
+    from tests.adapterfiles import fake_adapter
 
     small = make_model_dir(shared / "idle-model", GIB)
     cp = control_plane(ray_cluster.address, shared / "idle-state", port_range=(18500, 18599))
     try:
-        idle = cp.start_engine(str(small), name="idle", keep_alive=2, timeout=60)
+        idle = cp.start_engine(str(small), name="idle", keep_alive=2, timeout=60, lora=True)
         assert idle["node"] in (ray_cluster.n1, ray_cluster.n2)
+        cp.load_adapter("mine", str(fake_adapter(shared / "mine")), engine="idle")
         # the record goes unloaded first; its pid is cleared once the process is gone from the node
         unloaded = wait_for(lambda: (e := cp.engine(idle["id"]))["state"] == "unloaded" and e["pid"] is None and e,
                             timeout=15)
@@ -71,11 +75,13 @@ def test_idle_engines_on_nodes_are_unloaded_and_woken_again(ray_cluster, shared)
         assert woken["pid"] != idle["pid"]
         assert psutil.Process(woken["pid"]).environ()["SAGE_NB_RAY_NODE"] == woken["node"]
         assert bookings(cp, idle["id"]) and chat(cp, woken).status_code == 200
+        assert chat(cp, woken, "mine").status_code == 200 and chat(cp, woken, "other").status_code == 404
 
         put = cp.sleep_engine(idle["id"], mode="unload")
         assert put["state"] == "unloaded" and gone(woken["pid"]) and bookings(cp, idle["id"]) == []
         again = cp.wake_engine(idle["id"], timeout=60)
         assert again["state"] == "ready" and chat(cp, again).status_code == 200
+        assert chat(cp, again, "mine").status_code == 200
     finally:
         cp.stop_all()
         cp.close()

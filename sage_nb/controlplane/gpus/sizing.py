@@ -6,6 +6,7 @@ KV cache per token is ``layers × kv_heads × head_dim × 2 (K and V) × dtype b
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -40,6 +41,10 @@ class ModelSpec:
     head_dim: int
     max_position_embeddings: int | None
     architectures: list[str]
+    hidden_size: int = 0
+    intermediate_size: int = 0
+    num_heads: int = 0
+    lora_mib: int = 0           # the LoRA slots an engine started with --lora preallocates (with_lora)
 
     def dtype_bytes(self, dtype: str | None) -> int:
         """Bytes per value the engine computes in (vLLM's ``auto`` runs fp32 models in fp16)."""
@@ -51,8 +56,20 @@ class ModelSpec:
         return self.num_layers * self.num_kv_heads * self.head_dim * 2 * self.dtype_bytes(dtype)
 
     def weights_mib(self, dtype: str | None = None) -> int:
+        """The weights in MiB as the engine holds them, its LoRA slots included."""
         scale = self.dtype_bytes(dtype) / self.weights_dtype_bytes
-        return int(self.weights_bytes * scale) // MIB + 1
+        return int(self.weights_bytes * scale) // MIB + 1 + self.lora_mib
+
+    def with_lora(self, max_loras: int, max_rank: int, dtype: str | None = None) -> ModelSpec:
+        """This spec for an engine started with ``--enable-lora``: vLLM preallocates, for each of
+        ``max_loras`` slots and every layer, A (rank × in) and B (out × rank) for the attention
+        projections (q, k, v, o) and the MLP's (gate, up, down) at ``max_rank``."""
+        hidden, heads = self.hidden_size, self.num_heads or 1
+        inter = self.intermediate_size or 4 * hidden
+        q, kv = heads * self.head_dim, self.num_kv_heads * self.head_dim
+        per_rank = (hidden + q) * 2 + (hidden + kv) * 2 + (hidden + inter) * 2 + (inter + hidden)
+        total = self.num_layers * per_rank * max_rank * max_loras * self.dtype_bytes(dtype)
+        return dataclasses.replace(self, lora_mib=-(-total // MIB))
 
     def need_mib(self, max_model_len: int, tp: int = 1, dtype: str | None = None) -> int:
         """MiB needed on each of ``tp`` GPUs, CUDA context included."""
@@ -141,7 +158,8 @@ def spec_from_config(config: dict, weights_bytes: int, source: str) -> ModelSpec
                      weights_dtype_bytes=DTYPE_BYTES.get(dtype, 2), num_layers=layers,
                      num_kv_heads=kv_heads, head_dim=head_dim,
                      max_position_embeddings=int(mpe) if mpe else None,
-                     architectures=list(cfg.get("architectures") or []))
+                     architectures=list(cfg.get("architectures") or []), hidden_size=hidden,
+                     intermediate_size=int(cfg.get("intermediate_size") or 4 * hidden), num_heads=heads)
 
 
 def inspect_model(model: str, env: Mapping[str, str] | None = None) -> ModelSpec | None:

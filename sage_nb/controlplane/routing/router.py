@@ -38,6 +38,18 @@ def _field(engine, name: str):
     return engine[name] if isinstance(engine, dict) else getattr(engine, name)
 
 
+def adapter_names(engine) -> set[str]:
+    """The LoRA adapters an engine holds (loaded, or to be loaded again when it wakes), by name."""
+    held = engine.get("adapters") if isinstance(engine, dict) else getattr(engine, "adapters", None)
+    return {a["name"] for a in held or () if not a.get("error")}
+
+
+def upstream_model(engine, model: str | None) -> str:
+    """What a request's ``model`` becomes at the engine: the adapter's name when it asks for one the
+    engine holds (vLLM applies it then), else the engine's served name."""
+    return model if model and model in adapter_names(engine) else _field(engine, "served_model_name")
+
+
 class BackendIndex:
     """Routable engines by kind and by every name a request may use for them (served name, model
     path, engine name, id). :meth:`candidates` is the one rule for "which engines serve a request
@@ -54,7 +66,7 @@ class BackendIndex:
         for e in self.engines:
             kind, served, model, name, engine_id = _fields(e, "kind", "served_model_name", "model", "name", "id")
             self.by_kind[kind].append(e)
-            for key in {served, model, name, engine_id}:
+            for key in {served, model, name, engine_id} | adapter_names(e):
                 self.by_key[key].append(e)
             self.ids.add(engine_id)
 
@@ -91,7 +103,8 @@ class BackendIndex:
         for e in sorted(self.idle, key=lambda e: not _field(e, "wake_started_at")):
             if kind is not None and _field(e, "kind") != kind:
                 continue
-            if not model or model in {_field(e, n) for n in ("served_model_name", "model", "name", "id")}:
+            if not model or model in {_field(e, n) for n in ("served_model_name", "model", "name", "id")} \
+                    or model in adapter_names(e):
                 return e
         return None
 
@@ -148,6 +161,15 @@ class Router:
                 "id": e.served_model_name, "object": "model", "owned_by": "sage_nb", "kind": e.kind,
                 "root": e.model, "created": int(e.ready_at or e.created_at), "engines": []})
             entry["engines"].append({"id": e.id, "name": e.name, "state": e.state})
+        for e in index.engines + index.idle:  # adapters under their base, as vLLM lists them (parent)
+            for a in e.adapters:
+                if a.get("error"):
+                    continue
+                entry = out.setdefault(a["name"], {
+                    "id": a["name"], "object": "model", "owned_by": a.get("owner") or "sage_nb", "kind": e.kind,
+                    "root": a["path"], "parent": e.served_model_name, "adapter": True,
+                    "created": int(a.get("loaded_at") or e.created_at), "engines": []})
+                entry["engines"].append({"id": e.id, "name": e.name, "state": e.state})
         return list(out.values())
 
     def is_idle(self, engine_id: str) -> bool:

@@ -33,6 +33,7 @@ Environment (a flag is on for any non-empty value):
   connections are served meanwhile, and the engine falls asleep or wakes even if the caller hangs up.
 - ``STUB_WAKE_FAIL``: ``/wake_up`` fails, a 500, and the engine stays asleep.
 - ``STUB_REPLY_MS``: how long a plain (not streamed) chat or completion takes to answer (default 0).
+- LoRA adapters with ``--enable-lora`` and ``VLLM_ALLOW_RUNTIME_LORA_UPDATING=True``: ``stub_lora.py``.
 - ``STUB_METRICS``: ``current`` or ``old``: ``/metrics`` counts what the stub answered, in vLLM's names
   now or before its renames (``stub_metrics.py``).
 
@@ -66,6 +67,7 @@ from .stub_http import (
     parse_head,
     response,
 )
+from .stub_lora import LORA_ROUTES, LoraAdapters
 from .stub_metrics import PROMETHEUS, StubMetrics, busy_page
 from .stub_sleep import DEV_ROUTES, SleepMode, SleepRoutes
 
@@ -77,7 +79,7 @@ class BadBody(ValueError):
     """A request body that vLLM would refuse with a 400."""
 
 
-class Stub(SleepMode):
+class Stub(SleepMode, LoraAdapters):
     """What the engine serves: its settings from the command line and environment, and its replies,
     precomputed once (fixed ones) or on first use (those that depend on the request's model)."""
 
@@ -107,9 +109,10 @@ class Stub(SleepMode):
         self.health = response(200, b"")
         routes += sorted(DEV_ROUTES) if self.dev_mode else []
         self.openapi = response(200, {"paths": {**{r: {} for r in routes}, "/v1/models": {}, "/health": {}}})
-        self.models = response(200, {"object": "list", "data": [
-            {"id": self.served, "object": "model", "created": self.created, "owned_by": "vllm",
-             "root": args.model, "parent": None}]})
+        self.root = args.model
+        self.lora = args.enable_lora and env.get("VLLM_ALLOW_RUNTIME_LORA_UPDATING", "").lower() in ("true", "1")
+        self.adapters: dict[str, str] = {}  # name -> path (stub_lora.py)
+        self.models = None  # /v1/models, made on first use and again when the adapters change
         self.cache: dict[tuple, object] = {}
 
     def _cached(self, key: tuple, build):
@@ -248,7 +251,7 @@ class Http(SleepRoutes, asyncio.Protocol):
         if stub.auth and path.startswith("/v1") and headers.get("authorization") != stub.auth:
             return self.send(UNAUTHORIZED, keep)
         if path == "/v1/models":
-            return self.send(stub.models if method == "GET" else NOT_ALLOWED, keep)
+            return self.send(stub.models_reply() if method == "GET" else NOT_ALLOWED, keep)
         if method != "POST":
             return self.send(NOT_ALLOWED if path in (CHAT, COMPLETIONS, EMBEDDINGS) else NOT_FOUND, keep)
         try:
@@ -270,6 +273,10 @@ class Http(SleepRoutes, asyncio.Protocol):
         model = req.get("model") or stub.served
         if not isinstance(model, str):
             return self.send(bad_request("bad request: 'model' must be a string"), keep)
+        if path in LORA_ROUTES:
+            return self.send(stub.lora_route(path, req), keep)
+        if path in stub.generating and (unknown := stub.unknown_model(model)):
+            return self.send(unknown, keep)
         if path in ("/tokenize", "/detokenize"):  # vLLM's, at its root: one token per character here
             return self.send(response(200, stub.tokenize(path, req)), keep)
         if path in stub.generating:
@@ -357,6 +364,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--runner")
     parser.add_argument("--api-key")
     parser.add_argument("--enable-sleep-mode", action="store_true")
+    parser.add_argument("--enable-lora", action="store_true")
     parser.add_argument("--middleware", action="append", default=[])  # sage_nb's KeyGuard: emulated
     return parser.parse_known_args(argv)[0]  # vLLM's other options are taken and ignored
 

@@ -1,0 +1,1 @@
+"""REST for LoRA adapters on running engines (``sage_nb/api/adapters``)."""
