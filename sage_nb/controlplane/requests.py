@@ -96,9 +96,8 @@ class LaunchRequest:
             self.keep_alive = FOREVER if seconds is None else seconds
 
     def _check_lora(self) -> None:
-        for flag in ("lora", "shared"):
-            if not isinstance(getattr(self, flag), bool):
-                raise BadRequest(f"{flag} must be true or false, got {getattr(self, flag)!r}")
+        if not isinstance(self.lora, bool):
+            raise BadRequest(f"lora must be true or false, got {self.lora!r}")
         if self.adapters is not None:
             if not isinstance(self.adapters, dict) or not all(
                     isinstance(k, str) and isinstance(v, str) for k, v in self.adapters.items()):

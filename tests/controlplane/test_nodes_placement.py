@@ -142,13 +142,13 @@ def test_engine_pids_for_nvml_leave_out_engines_on_cluster_nodes():
 
     import psutil
 
-    from sage_nb.controlplane import ControlPlane
+    from sage_nb.controlplane.gpus.attribution import engine_pids
 
     me = psutil.Process()
     here = SimpleNamespace(id="here", pid=me.pid, create_time=me.create_time(), node=None)
     there = SimpleNamespace(id="there", pid=me.pid, create_time=me.create_time(), node="n2")  # same pid number
-    txn = SimpleNamespace(engines=lambda: [here, there])
+    engines = [here, there]
     foreign = [{"engine_id": "theirs-here", "pid": me.pid, "start_time": me.create_time(), "gpu_uuid": "GPU-0"},
                {"engine_id": "theirs-there", "pid": me.pid, "start_time": me.create_time(), "gpu_uuid": "GPU-n2"}]
-    assert sorted(ControlPlane._engine_pids(txn, foreign, {"GPU-n2"})) == ["here", "theirs-here"]
-    assert sorted(ControlPlane._engine_pids(txn, foreign)) == ["here", "theirs-here", "theirs-there", "there"]
+    assert sorted(engine_pids(engines, foreign, {"GPU-n2"})) == ["here", "theirs-here"]
+    assert sorted(engine_pids(engines, foreign)) == ["here", "theirs-here", "theirs-there", "there"]

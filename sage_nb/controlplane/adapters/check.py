@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import BadRequest
+from ..requests import LORA_RANKS
 
 CONFIG = "adapter_config.json"
 WEIGHTS = ("adapter_model.safetensors",)
@@ -151,5 +152,4 @@ def check_fits(adapter: AdapterFiles, engine_name: str, max_rank: int,
 
 
 def _rank_for(rank: int) -> int:
-    from ..requests import LORA_RANKS
     return next((r for r in LORA_RANKS if r >= rank), LORA_RANKS[-1])

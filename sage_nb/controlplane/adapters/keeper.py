@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import time
 
+from .. import validation
 from ..errors import BadRequest, Conflict, EngineFailed, NotFound
 from ..state import ENDED, EngineState
 from ..store.registry import Engine, Registry
@@ -72,7 +73,6 @@ class AdapterKeeper:
         """Load the adapter at ``path`` as ``name`` onto ``engine`` (id or name; default: the one engine
         started with ``--lora``). Checked first: the files, rank, settings vLLM rejects, that its modules
         and shapes are the engine's model's, the name. Returns the adapter's model (with its engine)."""
-        from .. import validation
         validation.adapter_name(name)
         files = check.read_adapter(path)
         target = self._target(engine)
@@ -187,11 +187,12 @@ class AdapterKeeper:
         for record in engine.adapters:
             if record["name"] in held:
                 continue
-            if self._load_now(engine, record) is None:
+            error = self._load_now(engine, record)
+            if error is None:
                 loaded.append(record["name"])
             else:
                 log.warning("sage_nb: engine %s could not load adapter %s again: %s", engine.name, record["name"],
-                            self.registry.find(engine.id).adapters)
+                            error)
         return loaded
 
     def _held(self, engine: Engine) -> set[str]:

@@ -12,6 +12,7 @@ from ..state import LIVE, EngineState
 from ..store import ports
 from ..store.registry import Engine, Txn
 from ..validation import clean_name
+from . import probes
 from .scan import FoundServer
 
 SAME_START = 0.5  # seconds: a pid whose start time differs more is another process
@@ -81,3 +82,19 @@ def adopted_record(txn: Txn, server: FoundServer, kind: str, ready: bool, note: 
     if server.port and not ports.bindable(server.port, server.host):
         txn.lease_port(server.port, engine.id)
     return engine
+
+
+def adopt(registry, inventory, settings, server: FoundServer) -> str | None:
+    """Record a vLLM server that sage_nb did not start; its kind comes from its flags and is
+    confirmed by its route table. Returns the new id, or ``None`` if it was claimed meanwhile."""
+    timeout = settings.probe_timeout
+    probed = probes.kind_from_openapi(server.host, server.port, timeout)
+    note = "adopted: a vLLM server started outside sage_nb"
+    if probed and probed != server.kind:
+        note += f"; its flags say {server.kind} but its routes say {probed}"
+    ready = probes.ready(server.host, server.port, server.served_model_name, server.api_key, timeout)
+    # its devices as the inventory numbers them, however its CUDA_VISIBLE_DEVICES names them
+    server.gpu_ids = [d.index for d in inventory.resolve(server.cuda_visible, server.cuda_order)]
+    with registry.transaction() as txn:
+        engine = adopted_record(txn, server, probed or server.kind, ready, note, str(settings.db_path.resolve()))
+    return engine.id if engine else None

@@ -385,7 +385,7 @@ class Supervisor:
                     engine.id, self.failure(engine, "the engine process is gone (found at discovery)"), expect=LIVE):
                 report["failed"].append(engine.id)
         for server in found.unowned:
-            engine_id = self.adopt(server)
+            engine_id = reconcile.adopt(self.registry, self.inventory, self.settings, server)
             if engine_id:
                 report["adopted"].append(engine_id)
         report["orphans"] = scan.find_orphans({e.pid for e in self.registry.engines() if e.pid})
@@ -393,19 +393,3 @@ class Supervisor:
             report["orphans"] += self.nodes.reap(self.nodes.orphans())
         self.check()
         return report
-
-    def adopt(self, server: scan.FoundServer) -> str | None:
-        """Record a vLLM server that sage_nb did not start; its kind comes from its flags and is
-        confirmed by its route table. Returns the new id, or ``None`` if it was claimed meanwhile."""
-        timeout = self.settings.probe_timeout
-        probed = probes.kind_from_openapi(server.host, server.port, timeout)
-        note = "adopted: a vLLM server started outside sage_nb"
-        if probed and probed != server.kind:
-            note += f"; its flags say {server.kind} but its routes say {probed}"
-        ready = probes.ready(server.host, server.port, server.served_model_name, server.api_key, timeout)
-        # its devices as the inventory numbers them, however its CUDA_VISIBLE_DEVICES names them
-        server.gpu_ids = [d.index for d in self.inventory.resolve(server.cuda_visible, server.cuda_order)]
-        with self.registry.transaction() as txn:
-            engine = reconcile.adopted_record(txn, server, probed or server.kind, ready, note,
-                                              str(self.settings.db_path.resolve()))
-        return engine.id if engine else None

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import psutil
 
+from ..engines import process
 from .placement import GpuView
 
 
@@ -45,3 +46,13 @@ def parts(view: GpuView, mine: list[dict], others: list[dict], pids: dict[str, s
     out["booked_unused_mib"] = view.outstanding_mib
     out["free_mib"] = view.available_mib
     return out
+
+
+def engine_pids(engines, foreign: list[dict], remote: set[str] | None = None) -> dict[str, set[int]]:
+    """Each engine's processes (this registry's ``engines`` and the ledger's ``foreign`` bookings), to match
+    NVML's list. With a Ray cluster (``remote``: its GPUs' uuids), the engines on its nodes and the others'
+    bookings of its GPUs are left out: their pids are not this machine's."""
+    wanted = {e.id: (e.pid, e.create_time) for e in engines if remote is None or not e.node}
+    wanted.update({r["engine_id"]: (r["pid"], r["start_time"]) for r in foreign
+                   if remote is None or r["gpu_uuid"] not in remote})
+    return process.trees_pids(wanted)

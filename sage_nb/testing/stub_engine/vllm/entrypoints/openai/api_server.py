@@ -62,6 +62,7 @@ from .stub_http import (
     STREAM_HEAD,
     UNAUTHORIZED,
     bad_request,
+    bind,
     closing,
     frame,
     parse_head,
@@ -367,22 +368,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--enable-lora", action="store_true")
     parser.add_argument("--middleware", action="append", default=[])  # sage_nb's KeyGuard: emulated
     return parser.parse_known_args(argv)[0]  # vLLM's other options are taken and ignored
-
-
-def bind(host: str, port: int) -> socket.socket:
-    """The listening socket, bound like vLLM binds it (``OSError: [Errno 98] Address already in use``
-    when the port is taken)."""
-    family, kind, proto, _, address = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM,
-                                                         flags=socket.AI_PASSIVE)[0]
-    sock = socket.socket(family, kind, proto)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind(address)
-        sock.setblocking(False)
-    except BaseException:
-        sock.close()
-        raise
-    return sock
 
 
 async def serve(stub: Stub, sock: socket.socket) -> None:

@@ -4,6 +4,7 @@ request-head parser (``api_server`` holds what the engine serves)."""
 from __future__ import annotations
 
 import json
+import socket
 from http import HTTPStatus
 
 MAX_HEAD = 64 * 1024  # bytes of request line and headers
@@ -70,3 +71,19 @@ def parse_head(head: bytes) -> tuple[str, str, bool, dict, int, str]:
     length = int(length_text)
     path, _, query = target.partition("?")
     return method, path, keep, headers, length, query
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """The listening socket, bound like vLLM binds it (``OSError: [Errno 98] Address already in use``
+    when the port is taken)."""
+    family, kind, proto, _, address = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM,
+                                                         flags=socket.AI_PASSIVE)[0]
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+        sock.setblocking(False)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
