@@ -324,9 +324,10 @@ class ControlPlane:
         self.supervisor.scope.host = host
 
     # ------------------------------------------------------------------ LoRA adapters (adapters/keeper.py)
-    def load_adapter(self, name: str, path: str, engine: str | None = None, owner: str | None = None) -> dict:
+    def load_adapter(self, name: str, path: str, engine: str | None = None, owner: str | None = None,
+                     users: list[str] | None = None) -> dict:
         """Load the LoRA adapter at ``path`` as ``name`` onto ``engine`` (default: the one with ``lora``)."""
-        return self.supervisor.adapters.load(name, path, engine, owner)
+        return self.supervisor.adapters.load(name, path, engine, owner, users)
 
     def unload_adapter(self, name: str, engine: str | None = None, owner: str | None = None) -> list[dict]:
         """Unload adapter ``name`` (from ``engine``, default every engine holding it) and forget it."""

@@ -28,6 +28,12 @@ class NotFound(ControlPlaneError, LookupError):
     status = 404
 
 
+class Forbidden(ControlPlaneError):
+    """The caller may not do that to what another user owns (403)."""
+
+    status = 403
+
+
 class Conflict(ControlPlaneError):
     """The request collides with the current state: port taken, nothing fits (409)."""
 

@@ -190,12 +190,13 @@ class Client:
         return self.transport.set_keep_alive(id_or_name, keep_alive)
 
     # -------------------------------------------------------------- LoRA adapters
-    def load_adapter(self, name: str, path: str, engine: str | None = None) -> dict:
+    def load_adapter(self, name: str, path: str, engine: str | None = None, share: list[str] | None = None) -> dict:
         """Load the LoRA adapter at ``path`` (peft's ``save_pretrained`` directory) as ``name`` onto
-        ``engine`` (default: the one engine started with ``lora=True``); then ``llm(name)`` uses it."""
+        ``engine`` (default: the one engine started with ``lora=True``); then ``llm(name)`` uses it. On a
+        shared engine of the box service, ``share`` says who else may use it (user names, ``@group``, ``*``)."""
         validation.adapter_name(name)
         where = Path(path).expanduser()  # the kernel's working directory, not the server's
-        return self.transport.load_adapter(name, str(where.resolve() if where.exists() else where), engine)
+        return self.transport.load_adapter(name, str(where.resolve() if where.exists() else where), engine, share)
 
     def unload_adapter(self, name: str, engine: str | None = None) -> list[dict]:
         """Unload adapter ``name`` (from ``engine``, default every engine holding it); the removed ones."""

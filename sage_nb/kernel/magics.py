@@ -161,7 +161,8 @@ class LLMMagics(Magics):
 
     def _cmd_adapter(self, args):
         if args.verb == "load":
-            adapter = self.client.load_adapter(args.name, args.path, engine=args.engine)
+            share = [w.strip() for w in args.share.split(",") if w.strip()] if args.share else None
+            adapter = self.client.load_adapter(args.name, args.path, engine=args.engine, share=share)
             return views.adapters_table([adapter], f"sage_nb: adapter {adapter['name']} on {adapter['engine']}")
         removed = self.client.unload_adapter(args.name, engine=args.engine)
         return views.adapters_table(removed, f"sage_nb: unloaded {args.name}")

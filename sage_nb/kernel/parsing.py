@@ -153,6 +153,8 @@ def line_parser() -> argparse.ArgumentParser:
     unload = verbs.add_parser("unload", help="unload an adapter", description="Unload an adapter and forget it.")
     unload.add_argument("name", help="the adapter's name")
     unload.add_argument("--engine", help="only from this engine (default: from every engine holding it)")
+    load.add_argument("--share", metavar="WHO", help="on a shared engine of the box service: who else may use it "
+                      "(user names, @group, or '*' for everyone; comma separated; default: only you)")
     sub.add_parser("adapters", help="LoRA adapters on the engines", description="Every adapter, its engine, "
                    "rank, state and path.")
     usage = sub.add_parser("usage", help="use of the box's shared engines: yours (an admin: everyone's), and each "

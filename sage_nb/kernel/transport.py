@@ -39,7 +39,7 @@ class Transport(Protocol):
     def set_keep_alive(self, id_or_name: str, keep_alive: float | str | None) -> dict: ...
     def settings(self) -> dict: ...
     def adapters(self) -> list[dict]: ...
-    def load_adapter(self, name: str, path: str, engine: str | None) -> dict: ...
+    def load_adapter(self, name: str, path: str, engine: str | None, share: list[str] | None = None) -> dict: ...
     def unload_adapter(self, name: str, engine: str | None) -> list[dict]: ...
     def usage(self, days: int, user: str | None) -> dict: ...
     def metrics(self, window: float, points: bool = False) -> dict: ...
@@ -110,8 +110,9 @@ class RestTransport:
     def adapters(self) -> list[dict]:
         return self._call("GET", "sage_nb/api/adapters")
 
-    def load_adapter(self, name: str, path: str, engine: str | None) -> dict:
-        body = {"name": name, "path": path, **({"engine": engine} if engine else {})}
+    def load_adapter(self, name: str, path: str, engine: str | None, share: list[str] | None = None) -> dict:
+        body = {"name": name, "path": path, **({"engine": engine} if engine else {}),
+                **({"share": share} if share is not None else {})}
         return self._call("POST", "sage_nb/api/adapters", body)
 
     def unload_adapter(self, name: str, engine: str | None) -> list[dict]:
@@ -192,7 +193,10 @@ class EmbeddedTransport:
     def adapters(self) -> list[dict]:
         return self.control_plane.adapters()
 
-    def load_adapter(self, name: str, path: str, engine: str | None) -> dict:
+    def load_adapter(self, name: str, path: str, engine: str | None, share: list[str] | None = None) -> dict:
+        if share:
+            raise BadRequest("share is for adapters on the box service's shared engines; without a server "
+                             "this kernel's engines serve only you")
         return self.control_plane.load_adapter(name, path, engine)
 
     def unload_adapter(self, name: str, engine: str | None) -> list[dict]:

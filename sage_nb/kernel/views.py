@@ -127,9 +127,15 @@ def adapters_table(adapters: list[dict], title: str = "sage_nb adapters") -> Tab
             return f"failed: {a['error']}"
         return "loaded" if a.get("loaded_at") and a.get("engine_state", "ready") == "ready" else \
             f"loads when {a.get('engine')} is ready"
-    rows = [[a["name"], a.get("engine", ""), a.get("parent", ""), a.get("rank", ""), state(a), a.get("path", "")]
-            for a in adapters]
-    return Table(title, ["adapter", "engine", "base model", "rank", "state", "path"], rows,
+    def who(a: dict) -> str:  # on the box service's shared engines: whose, and whom it is shared with
+        if not a.get("shared") and "usable" not in a:
+            return ""
+        users = ", ".join(a.get("users") or [])
+        return (a.get("owner") or "box") + (f" (with {users})" if users else "") + \
+            ("" if a.get("usable", True) else "; not yours to use")
+    rows = [[a["name"], a.get("engine", ""), a.get("parent", ""), a.get("rank", ""), state(a), who(a),
+             "" if a.get("shared") else a.get("path", "")] for a in adapters]
+    return Table(title, ["adapter", "engine", "base model", "rank", "state", "owner", "path"], rows,
                  empty="no adapters — %llm adapter load NAME PATH (on an engine started with --lora)")
 
 

@@ -14,6 +14,7 @@ from jupyter_server.extension.application import ExtensionApp
 from traitlets import Bool, Dict, Float, HasTraits, Int, List, TraitType, Tuple, Unicode, Union
 
 from sage_nb.controlplane import ControlPlane, ControlPlaneError, Settings
+from sage_nb.controlplane.adapters.uploads import AdapterUploads
 from sage_nb.controlplane.engines.scope import KernelHost
 from sage_nb.controlplane.routing.router import Router
 from sage_nb.controlplane.settings import ENV_PREFIX, GpuList
@@ -84,6 +85,10 @@ class SageNBApp(ExtensionApp, SettingTraits):
     box_publishers = Unicode(
         "", help="On the box service: the group (a JupyterHub group or a Unix group) whose members may publish, "
                  "stop, sleep and read the logs of shared engines, besides admins.").tag(config=True)
+    box_user_adapters = Bool(
+        True, help="On the box service: users may load their own LoRA adapters onto shared engines (their "
+                   "server sends the files; they are kept under the user's name, usable by them and whom they "
+                   "share them with). False: publishers only.").tag(config=True)
     share_limits = Unicode(
         "", help="On the box service: the limits file (TOML; default limits.toml in its state folder), re-read "
                  "when it changes: requests at once, tokens per day and GPU memory per user or group, the queue "
@@ -120,7 +125,11 @@ class SageNBApp(ExtensionApp, SettingTraits):
             "sage_nb_open_tokenizer": self.open_tokenizer,
         })
         if self.box_mode:
-            self.settings["sage_nb_box"] = BoxPolicy(self.box_publishers, salt_secret(cp.settings.state_dir))
+            self.settings["sage_nb_box"] = BoxPolicy(self.box_publishers, salt_secret(cp.settings.state_dir),
+                                                     self.box_user_adapters)
+            uploads = AdapterUploads(cp.settings.state_dir / "adapters")
+            uploads.prune({a["path"] for a in cp.adapters()})  # their engines were stopped while it was down
+            self.settings["sage_nb_uploads"] = uploads
             try:
                 self.settings["sage_nb_share"] = ShareGate(cp.settings.state_dir, self.share_limits or None,
                                                            cp.registry.ledger)

@@ -18,12 +18,12 @@ from jupyter_server.auth.decorator import allow_unauthenticated, authorized
 from tornado import web
 from tornado.ioloop import PeriodicCallback
 
-from sage_nb.controlplane import ControlPlaneError, is_routable
+from sage_nb.controlplane import ControlPlaneError
 from sage_nb.controlplane.routing.router import KIND_LABEL, Router, upstream_model
 from sage_nb.controlplane.sharing.sse import UsageTap, reply_usage, stream_options
-from sage_nb.controlplane.state import is_wakeable
 
-from .box.link import BoxUnavailable
+from .box.adapters import refuse_unusable, unusable
+from .box.link import BoxUnavailable, shared_models
 from .handlers import ApiError, SageHandler
 from .upstream import Upstream, never_connected
 
@@ -86,25 +86,15 @@ class ModelsHandler(GatewayHandler):
     @web.authenticated
     @authorized
     async def get(self) -> None:
-        models = self.settings["sage_nb_router"].models()
+        router = self.settings["sage_nb_router"]
+        models = router.models()
+        if self.settings.get("sage_nb_box") is not None:  # another user's adapters, unless shared with the caller
+            hidden = unusable(router, self.current_user)
+            models = [m for m in models if m["id"] not in hidden]
         link = self.settings.get("sage_nb_link")
         if link is not None:  # the box's shared models, where the user has no engine of their own by that name
             models += shared_models(await link.engines(), {m["id"] for m in models})
         self.reply({"object": "list", "data": models})
-
-
-def shared_models(engines: list[dict], taken: set[str]) -> list[dict]:
-    """``v1/models`` entries of the box's shared engines (ready or idle), marked shared, with their publisher."""
-    out: dict[str, dict] = {}
-    for e in engines:
-        if e["served_model_name"] in taken or not (is_routable(e) or is_wakeable(e)):
-            continue
-        entry = out.setdefault(e["served_model_name"], {
-            "id": e["served_model_name"], "object": "model", "owned_by": e.get("publisher") or "sage_nb",
-            "kind": e["kind"], "root": e["model"], "created": int(e.get("ready_at") or e["created_at"]),
-            "shared": True, "engines": []})
-        entry["engines"].append({"id": e["id"], "name": e["name"], "state": e["state"]})
-    return list(out.values())
 
 
 class ProxyHandler(GatewayHandler):
@@ -224,6 +214,7 @@ class ProxyHandler(GatewayHandler):
         if box is None or user is None or self.route in TOKENIZER_ROUTES:
             return None
         self.settings["sage_nb_share"].check(user)
+        refuse_unusable(self.settings["sage_nb_router"], model, user)
         body = {**body, "cache_salt": box.cache_salt(user.username)}
         if body.get("stream") is True:
             body, asked = stream_options(body)

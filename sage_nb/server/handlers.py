@@ -12,6 +12,7 @@ from jupyter_server.extension.handler import ExtensionHandlerMixin
 from tornado import web
 
 from sage_nb.controlplane import ControlPlane, ControlPlaneError, LaunchRequest, is_routable, validation
+from sage_nb.controlplane.adapters.uploads import mark_usable
 
 from .box.link import BOX_HEADER, SERVICE_NAME, BoxUnavailable, message
 
@@ -93,10 +94,10 @@ class SageHandler(ExtensionHandlerMixin, APIHandler):
         await self.forward(self.request.method, path + query, body)
         return True
 
-    async def forward(self, method: str, path: str, body=None) -> None:
+    async def forward(self, method: str, path: str, body=None, timeout: float | None = None) -> None:
         """One REST call to the box service under this user's credential; its reply becomes ours."""
         try:
-            status, reply = await self.link.request(method, path, body)
+            status, reply = await self.link.request(method, path, body, timeout)
         except BoxUnavailable as e:
             raise ApiError(502, str(e)) from None
         self.link.forget()
@@ -161,6 +162,8 @@ class EnginesHandler(ReadOnlyPolled):
     @authorized
     async def get(self) -> None:
         engines = await self.call(self.cp.engines)
+        if self.box is not None:  # every user sees every adapter; which ones they may use is marked
+            engines = mark_usable(engines, self.current_user.username, self.current_user.groups)
         if self.link is not None:
             engines += await self.link.engines()
         self.reply(engines)

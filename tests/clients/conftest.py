@@ -34,14 +34,17 @@ def ready_venv(future: Future) -> sidevenv.SideVenv:
 
 
 @pytest.fixture(scope="package")
-def gateway(tmp_path_factory, tiny_llama, minilm, side_venv_installs):
-    """A real server with a ready tiny Llama (``tiny``) and MiniLM (``minilm``), tokenizer routes open."""
+def gateway(tmp_path_factory, tiny_llama, minilm, tiny_adapters, side_venv_installs):
+    """A real server with a ready tiny Llama (``tiny``, with the LoRA adapter ``jupyter`` that makes it answer
+    "jupyter") and MiniLM (``minilm``), tokenizer routes open."""
     # The tokenizer routes are open, as vLLM's own are: `vllm bench serve` sends no key there. The
     # base URL is plain: vllm bench serve's aiohttp turns the suite's usual "/jp%40x/" into "/jp@x/",
     # which none of sage_nb's routes matches (tornado matches the raw path).
     with running_server(tmp_path_factory.mktemp("clients"), port_range=PORTS, base="/user/clients/",
                         extra_args=("--SageNBApp.open_tokenizer=True",)) as server:
-        code, llm = server.request("POST", "sage_nb/api/engines", {"model": str(tiny_llama), "name": "tiny"})
+        code, llm = server.request("POST", "sage_nb/api/engines", {
+            "model": str(tiny_llama), "name": "tiny", "max_lora_rank": 8,
+            "adapters": {"jupyter": str(tiny_adapters["jupyter"])}})
         assert code == 202, llm
         code, emb = server.request("POST", "sage_nb/api/engines",
                                    {"model": str(minilm), "kind": "embedding", "name": "minilm"})

@@ -64,6 +64,12 @@ def main() -> dict:
     out["chat_model"] = chat.model_name
     out["invoke"] = chat.invoke("hi").content
     out["chunks"] = [chunk.content for chunk in chat.stream("hi")]
+    question = "what does the notebook say?"
+    out["base_answer"] = client.langchain_chat(max_tokens=4, temperature=0).invoke(question).content
+    adapter = client.langchain_chat("jupyter", max_tokens=4, temperature=0)  # a LoRA adapter, by its name
+    out["adapter_model"] = adapter.model_name
+    out["adapter_answer"] = adapter.invoke(question).content
+    out["adapter_chunks"] = [chunk.content for chunk in adapter.stream(question)]
     try:
         client.langchain_chat("no-such-model")
     except Exception as e:  # the control plane's NotFound, as for client.llm()

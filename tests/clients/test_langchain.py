@@ -1,5 +1,5 @@
-"""LangChain through sage_nb's helpers (``client.langchain_embeddings()``/``langchain_chat()``), in side
-venvs with langchain-openai 1.x and 0.3 (the line jupyter-ai 2.x uses), against real engines: the
+"""LangChain through sage_nb's helpers (``client.langchain_embeddings()``/``langchain_chat()``, a LoRA
+adapter's name too), in side venvs with langchain-openai 1.x and 0.3 (the line jupyter-ai 2.x uses), against real engines: the
 helper's vectors are the engine's own for the raw text, where the default OpenAIEmbeddings sends
 token ids and gets another vector without any error."""
 
@@ -49,4 +49,8 @@ def test_langchain_helpers_embed_the_text_and_chat(venv, gateway):
     assert out["chat_model"] == "tiny"
     assert out["invoke"].strip()
     assert len([c for c in out["chunks"] if c]) >= 2 and "".join(out["chunks"]).strip()
+    # a LoRA adapter on the engine, by its name: it changes the greedy answer to the word it was trained on
+    assert out["adapter_model"] == "jupyter"
+    assert out["adapter_answer"] == "jupyter" != out["base_answer"]
+    assert "".join(out["adapter_chunks"]) == "jupyter"
     assert out["unknown_model"].startswith("NotFound: model 'no-such-model' is not served by any ready LLM engine")

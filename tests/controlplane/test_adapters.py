@@ -129,7 +129,7 @@ def test_an_adapter_is_loaded_recorded_listed_and_unloaded(lora_engine, tmp_path
     assert held == {"yes"}  # in vLLM's (the stub's) /v1/models, with parent
     assert [a["name"] for a in cp.adapters()] == ["yes"] and cp.engine("tiny")["adapters"][0]["rank"] == 8
     assert cp.load_adapter("yes", str(tmp_path / "yes"))["loaded_at"] == adapter["loaded_at"]  # again: nothing
-    with pytest.raises(Conflict, match="loaded on this engine from"):
+    with pytest.raises(Conflict, match="taken on this engine by an adapter from"):
         cp.load_adapter("yes", str(fake_adapter(tmp_path / "other")))
     with pytest.raises(Conflict, match="engine 'tiny' serves that name"):
         cp.load_adapter("tiny", str(tmp_path / "other"))

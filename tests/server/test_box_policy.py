@@ -50,3 +50,13 @@ def test_cache_salts_differ_by_user_stay_stable_and_are_valid_for_vllm(tmp_path)
     assert other.cache_salt("alice") != alice  # unguessable without the secret
     for salt in (alice, bob):  # vLLM's rule: a non-empty string of at most 128 chars without @ / \\ NUL
         assert 0 < len(salt) <= 128 and not set(salt) & set("@/\\\0")
+
+
+def test_users_own_adapters_are_on_unless_the_service_says_no(tmp_path):
+    from sage_nb.server.box.service import server_argv
+
+    base = args(port=8765, state_dir=str(tmp_path), hub_cache_age=60, publishers="p", limits="", allow_root=False,
+                server_args=[])
+    assert "--SageNBApp.box_user_adapters=True" in server_argv(Namespace(**vars(base), no_user_adapters=False))
+    assert "--SageNBApp.box_user_adapters=False" in server_argv(Namespace(**vars(base), no_user_adapters=True))
+    assert BoxPolicy("", b"s").user_adapters and not BoxPolicy("", b"s", user_adapters=False).user_adapters

@@ -321,3 +321,67 @@ def test_a_shared_engines_metrics_through_a_users_server_count_each_users_reques
     assert users[bx["bob"].name]["prompt_tokens"] >= 8  # the stub's usage: 4 prompt tokens a request
     code, overview = bob.request("GET", "sage_nb/api/metrics?window=60")
     assert code == 200 and any(e["name"] == "one-at-a-time" and e["shared"] for e in overview["engines"])
+
+
+def test_users_own_adapters_on_a_shared_engine_are_theirs_and_whom_they_share_them_with(share, tmp_path):
+    """Issue 24 on the box: bob's server reads his adapter from his home (closed to the service) and sends
+    it; the service keeps it under his name; only he may use it until he shares it; his requests to it
+    count in his usage; alice's own adapter is hers to unload; his unload deletes the service's copy."""
+    from ..adapterfiles import fake_adapter
+
+    alice, bob, bx = share["alice"], share["bob"], share["box"]
+    set_limits(bx, "")  # none of the earlier tests' limits
+    code, engine = alice.request("POST", "sage_nb/api/engines", {
+        "model": str(share["model"]), "name": "team-lora", "max_model_len": 1024, "shared": True, "lora": True})
+    assert code == 202, engine
+    wait_ready(alice, engine["id"], timeout=60)
+    adapters = {}
+    for who, name in (("bob", "bobs"), ("alice", "alices")):
+        user = bx[who]
+        folder = fake_adapter(user.home / "lora" / name)
+        subprocess.run(["chown", "-R", f"{user.uid}:{user.gid}", str(user.home / "lora")], check=True)
+        os.chmod(user.home / "lora", 0o700)  # the service cannot read it: the files must travel
+        code, adapters[who] = share[who].request("POST", "sage_nb/api/adapters",
+                                                 {"name": name, "path": str(folder), "engine": "team-lora"})
+        assert code == 201, adapters[who]
+        assert adapters[who]["owner"] == user.name and adapters[who]["users"] == [], adapters[who]
+    stored = adapters["bob"]["path"]
+    assert stored.startswith(str(bx["state"] / "adapters" / bx["bob"].name / "bobs-")), stored
+
+    models = {m["id"]: m for m in bob.request("GET", "sage_nb/v1/models")[1]["data"]}
+    assert models["bobs"]["parent"] == "team-lora" and models["bobs"]["owned_by"] == bx["bob"].name
+    assert "alices" not in models  # listed as hers in the engines list, not a model he may ask for
+    (listed,) = [e for e in bob.request("GET", "sage_nb/api/engines")[1] if e["name"] == "team-lora"]
+    assert {a["name"]: a["usable"] for a in listed["adapters"]} == {"bobs": True, "alices": False}
+
+    before = sum(r["requests"] for r in usage(share)["rows"] if r["engine"] == "team-lora")
+    code, _, raw = chat(bob, "bobs")
+    assert code == 200 and json.loads(raw)["model"] == "bobs", raw  # the adapter's name reached the engine
+    assert sum(r["requests"] for r in usage(share)["rows"] if r["engine"] == "team-lora") == before + 1
+    code, _, raw = chat(alice, "bobs")
+    assert code == 403 and "not shared with" in error_of(raw)["message"], raw
+    code, reply = bob.request("DELETE", "sage_nb/api/adapters/alices")
+    assert code == 403 and "only they (or a publisher)" in reply["message"], reply
+
+    code, again = bob.request("POST", "sage_nb/api/adapters", {"name": "bobs", "path": str(
+        bx["bob"].home / "lora" / "bobs"), "engine": "team-lora", "share": [bx["alice"].name]})
+    assert code == 201 and again["users"] == [bx["alice"].name] and again["path"] == stored, again
+    assert chat(alice, "bobs")[0] == 200  # shared with her now
+    empty = bx["bob"].home / "lora" / "empty"
+    empty.mkdir()
+    os.chown(empty, bx["bob"].uid, bx["bob"].gid)
+    code, bad = bob.request("POST", "sage_nb/api/adapters", {"name": "bobs", "path": str(empty),
+                                                             "engine": "team-lora"})
+    assert code == 400 and "has no adapter_config.json" in bad["message"], bad  # refused on his own server
+    code, bad = bob.request("POST", "sage_nb/api/adapters", {"name": "bobs", "path": str(tmp_path),
+                                                             "engine": "team-lora"})
+    assert code == 400 and "cannot read adapter path" in bad["message"], bad  # root's folder, closed to him
+
+    code, removed = bob.request("DELETE", "sage_nb/api/adapters/bobs")
+    assert code == 200 and [a["name"] for a in removed["removed"]] == ["bobs"], removed
+    assert not os.path.exists(stored)
+    code, _, raw = chat(bob, "bobs")
+    assert code == 503 and "No LLM backend" in error_of(raw)["message"], raw  # bob has no engine of his own
+    code, removed = alice.request("DELETE", "sage_nb/api/adapters/alices")  # a publisher manages any
+    assert code == 200 and removed["removed"][0]["owner"] == bx["alice"].name
+    assert alice.request("DELETE", f"sage_nb/api/engines/{engine['id']}")[0] in (200, 202)

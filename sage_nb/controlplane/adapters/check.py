@@ -56,7 +56,11 @@ def read_adapter(path: str) -> AdapterFiles:
     if not isinstance(path, str) or not path.strip():
         raise BadRequest("an adapter path is required: the directory peft's save_pretrained wrote")
     where = Path(path).expanduser()
-    if not where.is_dir():
+    try:
+        found = where.is_dir()
+    except OSError as e:  # a folder of another user's: PermissionError
+        raise BadRequest(f"cannot read adapter path {path!r}: {e.strerror or e}") from None
+    if not found:
         raise BadRequest(f"adapter path {path!r} is not a directory on this machine")
     where = where.resolve()
     try:

@@ -16,7 +16,7 @@ import logging
 import time
 
 from .. import validation
-from ..errors import BadRequest, Conflict, EngineFailed, NotFound
+from ..errors import BadRequest, Conflict, EngineFailed, Forbidden, NotFound
 from ..state import ENDED, EngineState
 from ..store.registry import Engine, Registry
 from . import check
@@ -46,7 +46,7 @@ def at_start(req, engine: Engine, engines: list[Engine]) -> list[dict]:
         check.check_fits(files, engine.name, engine.lora["max_lora_rank"], weights)
         AdapterKeeper._check_name(engines + [engine], engine, name, files.path)
         records.append({"name": name, "path": files.path, "rank": files.rank, "base": files.base,
-                        "owner": None, "loaded_at": None, "error": None})
+                        "owner": None, "users": [], "loaded_at": None, "error": None})
     return records
 
 
@@ -69,22 +69,28 @@ class AdapterKeeper:
         return out
 
     # ------------------------------------------------------------------ load
-    def load(self, name: str, path: str, engine: str | None = None, owner: str | None = None) -> dict:
+    def load(self, name: str, path: str, engine: str | None = None, owner: str | None = None,
+             users: list[str] | None = None) -> dict:
         """Load the adapter at ``path`` as ``name`` onto ``engine`` (id or name; default: the one engine
         started with ``--lora``). Checked first: the files, rank, settings vLLM rejects, that its modules
-        and shapes are the engine's model's, the name. Returns the adapter's model (with its engine)."""
+        and shapes are the engine's model's, the name. ``owner`` and ``users``: on a shared engine, who
+        loaded it and whom they share it with (``uploads.may_use``). Returns the adapter's model."""
         validation.adapter_name(name)
         files = check.read_adapter(path)
         target = self._target(engine)
         check.check_fits(files, target.name, target.lora["max_lora_rank"], check.model_weights(target.model))
         record = {"name": name, "path": files.path, "rank": files.rank, "base": files.base, "owner": owner,
-                  "loaded_at": None, "error": None}
+                  "users": list(users or []), "loaded_at": None, "error": None}
         with self.registry.transaction() as txn:
             current = txn.get(target.id)
             self._check_name(txn.engines(), current, name, files.path)
             same = next((a for a in current.adapters if a["name"] == name), None)
             if same is None:
                 txn.update(current.id, adapters=current.adapters + [record])
+            elif users is not None and same.get("owner") == owner and same.get("users") != record["users"]:
+                txn.update(current.id, adapters=[{**a, "users": record["users"]} if a is same else a
+                                                 for a in current.adapters])  # loaded again: shared anew
+                current = txn.get(target.id)
         if same is not None and not (same.get("error") and current.state == EngineState.READY):
             return self._model(current, name)  # the same files under the same name: nothing to do
         if current.state == EngineState.READY:
@@ -131,7 +137,8 @@ class AdapterKeeper:
             for a in e.adapters:
                 if a["name"] == name and a["path"] != path:
                     where = "this engine" if e.id == target.id else f"engine {e.name!r}"
-                    raise Conflict(f"adapter {name!r} is loaded on {where} from {a['path']}: unload it first "
+                    whose = f"{a['owner']}'s adapter" if a.get("owner") else f"an adapter from {a['path']}"
+                    raise Conflict(f"adapter name {name!r} is taken on {where} by {whose}: unload it first "
                                    "(%llm adapter unload NAME) or choose another name")
 
     def _load_now(self, engine: Engine, record: dict) -> Exception | None:
@@ -151,7 +158,8 @@ class AdapterKeeper:
     # ------------------------------------------------------------------ unload
     def unload(self, name: str, engine: str | None = None, owner: str | None = None) -> list[dict]:
         """Unload ``name`` from ``engine`` (default: from every engine holding it) and forget it. ``owner``:
-        only an adapter that user loaded (a shared engine's users). Returns the adapters removed."""
+        only an adapter that user loaded (a shared engine's users; ``None``: any, as a publisher may).
+        Returns the adapters removed."""
         holders = [e for e in self.registry.engines() if e.state not in ENDED
                    and any(a["name"] == name for a in e.adapters)]
         if engine is not None:
@@ -160,12 +168,15 @@ class AdapterKeeper:
         if not holders:
             where = f" on engine {engine!r}" if engine else ""
             raise NotFound(f"no adapter named {name!r}{where}; %llm adapters lists them")
+        for e in holders:
+            adapter = next(a for a in e.adapters if a["name"] == name)
+            if owner is not None and adapter.get("owner") != owner:
+                who = f"was loaded by {adapter['owner']}" if adapter.get("owner") else "came with the engine"
+                raise Forbidden(f"adapter {name!r} on engine {e.name!r} {who}: only they (or a publisher) may "
+                                "unload it")
         removed = []
         for e in holders:
             adapter = next(a for a in e.adapters if a["name"] == name)
-            if owner is not None and adapter.get("owner") not in (None, owner):
-                raise Conflict(f"adapter {name!r} on engine {e.name!r} was loaded by {adapter['owner']}: "
-                               "only they (or a publisher) may unload it")
             if e.state == EngineState.READY:
                 reply = self._call(e.host, e.port, "POST", "/v1/unload_lora_adapter", e.api_key, LOAD_TIMEOUT,
                                    {"lora_name": name})

@@ -107,7 +107,8 @@ class Engine:
     kernel_server: str | None = None  # "<pid>:<start time>" of the server whose kernel manager knows it
     publisher: str | None = None  # a shared engine of the box service: the user who published it
     # LoRA (controlplane/adapters): {"max_loras", "max_lora_rank"} when started with --enable-lora, and the
-    # adapters it holds ({"name", "path", "rank", "owner", "loaded_at", "error"}), loaded again wherever it comes back
+    # adapters it holds ({"name", "path", "rank", "owner", "users", "loaded_at", "error"}), loaded again
+    # wherever it comes back
     lora: dict | None = None
     adapters: list[dict] = field(default_factory=list)
 

@@ -87,13 +87,16 @@ class BoxLink:
             await self._session.close()
 
     # ---------------------------------------------------------------- REST
-    async def request(self, method: str, path: str, body=None) -> tuple[int, object]:
-        """One REST call to the service: (status, JSON reply). :class:`BoxUnavailable` when it cannot be
-        reached or does not answer as a sage_nb box service."""
+    async def request(self, method: str, path: str, body=None, timeout: float | None = None) -> tuple[int, object]:
+        """One REST call to the service: (status, JSON reply); ``timeout``: seconds, other than ``TIMEOUT``
+        (an adapter's upload). :class:`BoxUnavailable` when it cannot be reached or does not answer as a
+        sage_nb box service."""
         headers = self.headers()
         data = None if body is None else json.dumps(body).encode()
+        extra = {} if timeout is None else {"timeout": aiohttp.ClientTimeout(total=timeout)}
         try:
-            async with self.session().request(method, self.url + path, data=data, headers=headers) as resp:
+            async with self.session().request(method, self.url + path, data=data, headers=headers,
+                                              **extra) as resp:
                 self._from_box = resp.headers.get(BOX_HEADER) == SERVICE_NAME
                 text = await resp.text()
                 try:
@@ -168,9 +171,15 @@ class BoxLink:
         def match(e: dict) -> bool:
             if not (is_routable(e) or is_wakeable(e)) or (kind is not None and e["kind"] != kind):
                 return False
-            return not model or model in (e["served_model_name"], e["model"], e["name"], e["id"])
+            return not model or model in (e["served_model_name"], e["model"], e["name"], e["id"]) or \
+                any(a["name"] == model for a in e.get("adapters") or [])  # not the user's: the service says why
 
         return await self._lookup(match) is not None
+
+
+def usable_adapters(engine: dict) -> set[str]:
+    """The names of a shared engine's adapters this user may use (the service marks them ``usable``)."""
+    return {a["name"] for a in engine.get("adapters") or [] if a.get("usable") and not a.get("error")}
 
 
 def shared_model(engine: dict) -> dict:
@@ -178,6 +187,28 @@ def shared_model(engine: dict) -> dict:
     reachable only through the service; its port stays as a sign that it listens)."""
     return {**engine, "shared": True, "publisher": engine.get("publisher"), "base_url": None, "pid": None,
             "log_path": None}
+
+
+def shared_models(engines: list[dict], taken: set[str]) -> list[dict]:
+    """``v1/models`` entries of the box's shared engines (ready or idle), marked shared, with their publisher."""
+    out: dict[str, dict] = {}
+    for e in engines:
+        if e["served_model_name"] in taken or not (is_routable(e) or is_wakeable(e)):
+            continue
+        entry = out.setdefault(e["served_model_name"], {
+            "id": e["served_model_name"], "object": "model", "owned_by": e.get("publisher") or "sage_nb",
+            "kind": e["kind"], "root": e["model"], "created": int(e.get("ready_at") or e["created_at"]),
+            "shared": True, "engines": []})
+        entry["engines"].append({"id": e["id"], "name": e["name"], "state": e["state"]})
+        usable = usable_adapters(e)
+        for a in e.get("adapters") or []:  # the user's own adapters, and those shared with them
+            if a["name"] in usable and a["name"] not in taken:
+                adapter = out.setdefault(a["name"], {
+                    "id": a["name"], "object": "model", "owned_by": a.get("owner") or "sage_nb", "kind": e["kind"],
+                    "root": e["model"], "parent": e["served_model_name"], "adapter": True, "shared": True,
+                    "created": int(a.get("loaded_at") or e["created_at"]), "engines": []})
+                adapter["engines"].append({"id": e["id"], "name": e["name"], "state": e["state"]})
+    return list(out.values())
 
 
 def message(reply) -> str:

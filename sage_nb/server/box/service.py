@@ -49,8 +49,9 @@ class NotPublisher(ControlPlaneError):
 class BoxPolicy:
     """What the service allows whom."""
 
-    def __init__(self, publishers: str, salt_secret: bytes) -> None:
+    def __init__(self, publishers: str, salt_secret: bytes, user_adapters: bool = True) -> None:
         self.publishers = publishers  # a group (hub group or Unix group); "" : admins only
+        self.user_adapters = user_adapters  # users may load their own LoRA adapters onto shared engines
         self._secret = salt_secret
 
     def may_administer(self, caller: Caller) -> bool:
@@ -119,6 +120,7 @@ def server_argv(args) -> list[str]:
             f"--BoxIdentityProvider.keys_dir={state}", f"--BoxIdentityProvider.hub_cache_age={args.hub_cache_age}",
             f"--SageNBApp.state_dir={state}", "--SageNBApp.box_mode=True",
             f"--SageNBApp.box_publishers={args.publishers}", f"--SageNBApp.share_limits={args.limits}",
+            f"--SageNBApp.box_user_adapters={not args.no_user_adapters}",
             *(["--allow-root"] if args.allow_root else []),
             *args.server_args]
 
@@ -133,6 +135,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--publishers", default="", help="the group whose members may publish shared engines "
                                                          "(besides admins)")
     parser.add_argument("--limits", default="", help="the limits file (default: limits.toml in the state dir)")
+    parser.add_argument("--no-user-adapters", action="store_true", help="only publishers load LoRA adapters onto "
+                                                                        "shared engines (default: users their own too)")
     parser.add_argument("--hub-cache-age", type=int, default=60, help="seconds a hub token's check is cached")
     parser.add_argument("--allow-root", action="store_true", help=argparse.SUPPRESS)  # tests and benchmarks only
     parser.add_argument("server_args", nargs="*", help="more jupyter_server/SageNBApp options (after --)")
