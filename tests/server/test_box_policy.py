@@ -58,5 +58,8 @@ def test_users_own_adapters_are_on_unless_the_service_says_no(tmp_path):
     base = args(port=8765, state_dir=str(tmp_path), hub_cache_age=60, publishers="p", limits="", allow_root=False,
                 server_args=[])
     assert "--SageNBApp.box_user_adapters=True" in server_argv(Namespace(**vars(base), no_user_adapters=False))
-    assert "--SageNBApp.box_user_adapters=False" in server_argv(Namespace(**vars(base), no_user_adapters=True))
+    argv = server_argv(Namespace(**vars(base), no_user_adapters=True))
+    assert "--SageNBApp.box_user_adapters=False" in argv
+    body = int(next(a for a in argv if a.startswith("--ServerApp.max_body_size=")).split("=")[1])
+    assert body > 512 * 2**20 * 4 // 3  # the largest adapter it takes, base64 in JSON
     assert BoxPolicy("", b"s").user_adapters and not BoxPolicy("", b"s", user_adapters=False).user_adapters

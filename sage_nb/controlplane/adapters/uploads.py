@@ -24,6 +24,7 @@ from . import check
 FILES = (check.CONFIG, *check.WEIGHTS)  # what vLLM reads of an adapter: nothing else is sent or kept
 MAX_BYTES = 512 * 1024 * 1024  # one adapter's files (a rank-64 LoRA of every linear layer of an 8B model: ~670 MB
 #                                in fp32, ~170 MB in bf16 at rank 16)
+MAX_BODY = MAX_BYTES * 4 // 3 + 2**20  # the request that carries them, base64 in JSON (the service's max_body_size)
 EVERYONE = "*"
 
 

@@ -27,6 +27,7 @@ from urllib.parse import urlsplit
 
 from jupyter_server.auth.authorizer import Authorizer
 
+from sage_nb.controlplane.adapters.uploads import MAX_BODY
 from sage_nb.controlplane.errors import ControlPlaneError
 
 from .identity import Caller
@@ -121,6 +122,7 @@ def server_argv(args) -> list[str]:
             f"--SageNBApp.state_dir={state}", "--SageNBApp.box_mode=True",
             f"--SageNBApp.box_publishers={args.publishers}", f"--SageNBApp.share_limits={args.limits}",
             f"--SageNBApp.box_user_adapters={not args.no_user_adapters}",
+            f"--ServerApp.max_body_size={MAX_BODY}", f"--ServerApp.max_buffer_size={MAX_BODY}",  # users' adapters
             *(["--allow-root"] if args.allow_root else []),
             *args.server_args]
 
