@@ -102,6 +102,7 @@ PARTS = {
     "routing": {"top", "store", "engines"},
     "sharing": {"top", "store", "sharing"},
     "metrics": {"top", "metrics"},
+    "doctor": {"top", "store", "gpus", "engines", "doctor"},  # the facade is handed in, never imported
 }
 
 

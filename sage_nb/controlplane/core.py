@@ -74,11 +74,12 @@ class ControlPlane:
         validation.integer("lines", lines)
         return self.supervisor.log_tail(self.registry.find(id_or_name), min(lines, 10000))
 
-    def gpus(self) -> list[dict]:
-        """Each GPU with total, used, free, booked and available MiB ([] without GPUs)."""
+    def gpus(self, every: bool = False) -> list[dict]:
+        """Each GPU with total, used, free, booked and available MiB ([] without GPUs); ``every``: those this
+        server may not use too (the GPU doctor's view)."""
         # with a shared ledger this reaps other users' stale bookings: a write
         with self.registry.transaction() if self.registry.ledger else self.registry.snapshot() as txn:
-            views = self._views(txn)
+            views = self._views(txn, every)
             if not views:
                 return []
             names = {e.id: e.name for e in txn.engines()}
@@ -104,8 +105,8 @@ class ControlPlane:
                                for k, n in nodes.items()}
         return report
 
-    def _views(self, txn: Txn) -> list[placement.GpuView]:
-        devices = self.inventory.devices()
+    def _views(self, txn: Txn, every: bool = False) -> list[placement.GpuView]:
+        devices = self.inventory.all_devices() if every else self.inventory.devices()
         if not devices:
             return []
         bookings = txn.bookings()

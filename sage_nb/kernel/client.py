@@ -94,6 +94,11 @@ class Client:
         """The effective settings of the control plane this client talks to."""
         return self.transport.settings()
 
+    def gpu_doctor(self) -> dict:
+        """The GPU doctor's report (``python -m sage_nb.doctor --gpu``) of the control plane this client talks
+        to: in server mode the server's GPUs, ``CUDA_VISIBLE_DEVICES`` and ``gpus`` setting."""
+        return self.transport.gpu_doctor()
+
     def usage(self, days: int = 1, user: str | None = None) -> dict:
         """Usage of the box service's shared engines over the last ``days`` days (UTC): your rows (an admin:
         everyone's, or ``user``'s), each engine's share of work by user, your limits and tokens today."""

@@ -1,4 +1,5 @@
-"""``%llm doctor``: check the setup from this kernel and say how to fix each problem."""
+"""``%llm doctor``: check the setup from this kernel and say how to fix each problem; ``%llm doctor --gpu``:
+the GPU doctor's report (``python -m sage_nb.doctor --gpu``) as the server sees its GPUs."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import os
 import subprocess
 from pathlib import Path
 
+from sage_nb.controlplane.doctor import render
 from sage_nb.controlplane.state import EngineState, is_routable
 
 from .client import Client
@@ -98,3 +100,27 @@ def report(client: Client) -> Table:
     bad = sum(r[1] == "FAIL" for r in rows)
     footer = "all good" if not bad else f"{bad} problem(s): see the fix column"
     return Table("sage_nb doctor", ["check", "status", "detail", "fix"], rows, footer=footer)
+
+
+class Tables:
+    """Several tables shown as one output (HTML in a notebook, aligned text in a terminal)."""
+
+    def __init__(self, tables: list[Table]) -> None:
+        self.tables = tables
+
+    def __repr__(self) -> str:
+        return "\n\n".join(repr(t) for t in self.tables)
+
+    def _repr_html_(self) -> str:
+        return "".join(t._repr_html_() for t in self.tables)
+
+
+def gpu_report(client: Client) -> Tables:
+    """The GPU report of the control plane this kernel talks to: the server's (its ``CUDA_VISIBLE_DEVICES``
+    and ``gpus`` setting) in server mode, this kernel's embedded one otherwise."""
+    model = client.gpu_doctor()
+    where = f"the server at {client.server.url}" if client.mode == "server" else "this kernel (embedded mode)"
+    tables = [Table(title, columns or ["device"], rows, empty="none", footer=footer)
+              for title, columns, rows, footer in render.sections(model)]
+    tables[0].title += f", as {where} sees it"
+    return Tables(tables)

@@ -218,7 +218,7 @@ class LLMMagics(Magics):
         return Dashboard(client=self.client)
 
     def _cmd_doctor(self, args):
-        return doctor.report(self.client)
+        return doctor.gpu_report(self.client) if args.gpu else doctor.report(self.client)
 
     # ------------------------------------------------------------------ %%llm
     def _chat(self, line: str, cell: str):

@@ -137,9 +137,12 @@ def line_parser() -> argparse.ArgumentParser:
         elif name == "keep-alive":
             p.add_argument("value", type=_keep_alive, help=DURATIONS)
     for name, text in (("engines", "list engines"), ("backends", "ready backends by kind"),
-                       ("gpus", "GPU memory: used, booked, free"), ("dashboard", "live dashboard widget"),
-                       ("doctor", "check the setup and say what to fix")):
+                       ("gpus", "GPU memory: used, booked, free"), ("dashboard", "live dashboard widget")):
         sub.add_parser(name, help=text, description=text)
+    doctor = sub.add_parser("doctor", help="check the setup and say what to fix", description="Check the setup "
+                            "and say what to fix; --gpu: the server's GPUs, driver, torch and vLLM (docs/gpu-check.md)")
+    doctor.add_argument("--gpu", action="store_true", help="the GPU report of python -m sage_nb.doctor --gpu, as "
+                        "the server sees its GPUs (its CUDA_VISIBLE_DEVICES and gpus setting)")
     adapter = sub.add_parser("adapter", help="load or unload a LoRA adapter on a running engine",
                              description="Load a LoRA adapter (a directory peft's save_pretrained wrote) into an "
                              "engine started with --lora, or unload it. Requests then use it by its name as the "
@@ -150,11 +153,11 @@ def line_parser() -> argparse.ArgumentParser:
     load.add_argument("name", help="the adapter's name: what requests put in 'model'")
     load.add_argument("path", help="the adapter's directory (adapter_config.json, adapter_model.safetensors)")
     load.add_argument("--engine", help="the engine (default: the one engine started with --lora)")
+    load.add_argument("--share", metavar="WHO", help="on a shared engine of the box service: who else may use it "
+                      "(user names, @group, or '*' for everyone; comma separated; default: only you)")
     unload = verbs.add_parser("unload", help="unload an adapter", description="Unload an adapter and forget it.")
     unload.add_argument("name", help="the adapter's name")
     unload.add_argument("--engine", help="only from this engine (default: from every engine holding it)")
-    load.add_argument("--share", metavar="WHO", help="on a shared engine of the box service: who else may use it "
-                      "(user names, @group, or '*' for everyone; comma separated; default: only you)")
     sub.add_parser("adapters", help="LoRA adapters on the engines", description="Every adapter, its engine, "
                    "rank, state and path.")
     usage = sub.add_parser("usage", help="use of the box's shared engines: yours (an admin: everyone's), and each "

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Protocol
 from urllib.parse import quote
 
 from sage_nb.controlplane import BadRequest, ControlPlane, LaunchRequest, NotFound, validation
+from sage_nb.controlplane.doctor import report as doctor_report
 from sage_nb.controlplane.engines.scope import KernelHost
 
 from . import engine_http
@@ -38,6 +39,7 @@ class Transport(Protocol):
     def wake(self, id_or_name: str) -> dict: ...
     def set_keep_alive(self, id_or_name: str, keep_alive: float | str | None) -> dict: ...
     def settings(self) -> dict: ...
+    def gpu_doctor(self) -> dict: ...
     def adapters(self) -> list[dict]: ...
     def load_adapter(self, name: str, path: str, engine: str | None, share: list[str] | None = None) -> dict: ...
     def unload_adapter(self, name: str, engine: str | None) -> list[dict]: ...
@@ -106,6 +108,9 @@ class RestTransport:
 
     def settings(self) -> dict:
         return self._call("GET", "sage_nb/api/settings")
+
+    def gpu_doctor(self) -> dict:
+        return request(self.server, "GET", "sage_nb/api/doctor/gpu", timeout=180.0)  # it probes the engine's Python
 
     def adapters(self) -> list[dict]:
         return self._call("GET", "sage_nb/api/adapters")
@@ -189,6 +194,9 @@ class EmbeddedTransport:
 
     def settings(self) -> dict:
         return self.control_plane.settings.to_model()
+
+    def gpu_doctor(self) -> dict:
+        return doctor_report.collect(self.control_plane)
 
     def adapters(self) -> list[dict]:
         return self.control_plane.adapters()

@@ -13,6 +13,7 @@ from tornado import web
 
 from sage_nb.controlplane import ControlPlane, ControlPlaneError, LaunchRequest, is_routable, validation
 from sage_nb.controlplane.adapters.uploads import mark_usable
+from sage_nb.controlplane.doctor import report as doctor_report
 
 from .box.link import BOX_HEADER, SERVICE_NAME, BoxUnavailable, message
 
@@ -330,6 +331,17 @@ class SettingsHandler(SageHandler):
         self.reply(self.cp.settings.to_model())
 
 
+class GpuDoctorHandler(SageHandler):
+    """``GET sage_nb/api/doctor/gpu``: the GPU doctor's report as this server sees its GPUs (read-only)."""
+
+    _track_activity = False
+
+    @web.authenticated
+    @authorized
+    async def get(self) -> None:
+        self.reply(await self.call(doctor_report.collect, self.cp))
+
+
 class BoxHandler(SageHandler):
     """``GET sage_nb/api/box``: on the box service, who the caller is there, whether they may publish and
     what each user has used; on a user's server, its link to the box service (or ``{"state": "off"}``)."""
@@ -383,5 +395,6 @@ REST_HANDLERS = [
     (r"/sage_nb/api/backends/?", BackendsHandler),
     (r"/sage_nb/api/gpus/?", GpusHandler),
     (r"/sage_nb/api/settings/?", SettingsHandler),
+    (r"/sage_nb/api/doctor/gpu/?", GpuDoctorHandler),
     (r"/sage_nb/api/box/?", BoxHandler),
 ]

@@ -1,6 +1,6 @@
 """LangChain through sage_nb's helpers (``client.langchain_embeddings()``/``langchain_chat()``, a LoRA
-adapter's name too), in side venvs with langchain-openai 1.x and 0.3 (the line jupyter-ai 2.x uses), against real engines: the
-helper's vectors are the engine's own for the raw text, where the default OpenAIEmbeddings sends
+adapter's name too), in side venvs with langchain-openai 1.x and 0.3 (the line jupyter-ai 2.x uses), against
+real engines: the helper's vectors are the engine's own for the raw text, where the default OpenAIEmbeddings sends
 token ids and gets another vector without any error."""
 
 from __future__ import annotations

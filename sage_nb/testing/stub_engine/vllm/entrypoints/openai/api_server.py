@@ -34,6 +34,7 @@ Environment (a flag is on for any non-empty value):
 - ``STUB_WAKE_FAIL``: ``/wake_up`` fails, a 500, and the engine stays asleep.
 - ``STUB_REPLY_MS``: how long a plain (not streamed) chat or completion takes to answer (default 0).
 - LoRA adapters with ``--enable-lora`` and ``VLLM_ALLOW_RUNTIME_LORA_UPDATING=True``: ``stub_lora.py``.
+- ``STUB_GPU_MEMORY``: take the GPU memory ``--gpu-memory-utilization`` says before listening (``stub_gpu.py``).
 - ``STUB_METRICS``: ``current`` or ``old``: ``/metrics`` counts what the stub answered, in vLLM's names
   now or before its renames (``stub_metrics.py``).
 
@@ -52,6 +53,7 @@ import signal
 import socket
 import time
 
+from . import stub_gpu
 from .stub_http import (
     ASLEEP,
     CONTINUE,
@@ -366,6 +368,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--api-key")
     parser.add_argument("--enable-sleep-mode", action="store_true")
     parser.add_argument("--enable-lora", action="store_true")
+    parser.add_argument("--gpu-memory-utilization", type=float)
     parser.add_argument("--middleware", action="append", default=[])  # sage_nb's KeyGuard: emulated
     return parser.parse_known_args(argv)[0]  # vLLM's other options are taken and ignored
 
@@ -378,6 +381,7 @@ async def serve(stub: Stub, sock: socket.socket) -> None:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     time.sleep(float(os.environ.get("STUB_STARTUP_DELAY") or 0))
+    held = stub_gpu.take(args.gpu_memory_utilization) if os.environ.get("STUB_GPU_MEMORY") else None  # noqa: F841
     stub = Stub(args, os.environ)
     sock = bind(args.host, args.port)
     print(f"stub engine {stub.served} on {args.host}:{args.port}", flush=True)
