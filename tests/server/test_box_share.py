@@ -353,6 +353,9 @@ def test_users_own_adapters_on_a_shared_engine_are_theirs_and_whom_they_share_th
     assert "alices" not in models  # listed as hers in the engines list, not a model he may ask for
     (listed,) = [e for e in bob.request("GET", "sage_nb/api/engines")[1] if e["name"] == "team-lora"]
     assert {a["name"]: a["usable"] for a in listed["adapters"]} == {"bobs": True, "alices": False}
+    code, listing = bob.request("GET", "sage_nb/api/adapters")  # %llm adapters: the box's, with their owners
+    assert code == 200 and {(a["name"], a["owner"], a["shared"], a["usable"]) for a in listing} == {
+        ("bobs", bx["bob"].name, True, True), ("alices", bx["alice"].name, True, False)}, listing
 
     before = sum(r["requests"] for r in usage(share)["rows"] if r["engine"] == "team-lora")
     code, _, raw = chat(bob, "bobs")
