@@ -24,6 +24,7 @@ from .box.link import BoxLink
 from .box.routes import SHARE_HANDLERS
 from .box.service import BoxPolicy, salt_secret
 from .box.share import ShareGate
+from .doctor.handlers import DOCTOR_HANDLERS
 from .gateway import GATEWAY_HANDLERS, Watchdog
 from .handlers import REST_HANDLERS, NoRouteHandler
 from .metrics.exporter import GatewayStats, registry_for
@@ -166,8 +167,8 @@ class SageNBApp(ExtensionApp, SettingTraits):
             self.log.warning("sage_nb: orphaned vLLM processes hold resources: %s", report["orphans"])
 
     def initialize_handlers(self) -> None:
-        self.handlers.extend(REST_HANDLERS + ADAPTER_HANDLERS + SHARE_HANDLERS + METRICS_HANDLERS + GATEWAY_HANDLERS
-                             + [(r"/sage_nb/.*", NoRouteHandler)])
+        self.handlers.extend(REST_HANDLERS + ADAPTER_HANDLERS + DOCTOR_HANDLERS + SHARE_HANDLERS + METRICS_HANDLERS
+                             + GATEWAY_HANDLERS + [(r"/sage_nb/.*", NoRouteHandler)])
 
     async def stop_extension(self) -> None:
         if getattr(self, "watchdog", None) is not None:

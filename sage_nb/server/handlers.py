@@ -13,7 +13,6 @@ from tornado import web
 
 from sage_nb.controlplane import ControlPlane, ControlPlaneError, LaunchRequest, is_routable, validation
 from sage_nb.controlplane.adapters.uploads import mark_usable
-from sage_nb.controlplane.doctor import report as doctor_report
 
 from .box.link import BOX_HEADER, SERVICE_NAME, BoxUnavailable, message
 
@@ -81,19 +80,28 @@ class SageHandler(ExtensionHandlerMixin, APIHandler):
     async def shared(self, engine_id: str) -> bool:
         """Pass this request on to the box service when ``engine_id`` is none of this user's engines but
         one of the box's shared engines; True when it was (and the reply is written)."""
-        if self.link is None:
+        if self.link is None or not await self.is_shared(engine_id, raise_missing=True):
             return False
-        try:
-            await self.call(self.cp.registry.find, engine_id)
-            return False
-        except ApiError as e:
-            if e.status_code != 404 or await self.link.find(engine_id) is None:
-                raise
         path = self.request.path[self.request.path.index("sage_nb/api/"):]
         query = f"?{self.request.query}" if self.request.query else ""
         body = self.json_body() if self.request.method in ("POST", "PATCH") else None
         await self.forward(self.request.method, path + query, body)
         return True
+
+    async def is_shared(self, engine_id: str, raise_missing: bool = False) -> bool:
+        """Whether ``engine_id`` is none of this user's engines but one of the box's shared engines (with a
+        link); ``raise_missing``: the 404 of an engine that is neither."""
+        try:
+            await self.call(self.cp.registry.find, engine_id)
+            return False
+        except ApiError as e:
+            if e.status_code != 404:
+                raise
+            if await self.link.find(engine_id) is not None:
+                return True
+            if raise_missing:
+                raise
+            return False
 
     async def forward(self, method: str, path: str, body=None, timeout: float | None = None) -> None:
         """One REST call to the box service under this user's credential; its reply becomes ours."""
@@ -331,17 +339,6 @@ class SettingsHandler(SageHandler):
         self.reply(self.cp.settings.to_model())
 
 
-class GpuDoctorHandler(SageHandler):
-    """``GET sage_nb/api/doctor/gpu``: the GPU doctor's report as this server sees its GPUs (read-only)."""
-
-    _track_activity = False
-
-    @web.authenticated
-    @authorized
-    async def get(self) -> None:
-        self.reply(await self.call(doctor_report.collect, self.cp))
-
-
 class BoxHandler(SageHandler):
     """``GET sage_nb/api/box``: on the box service, who the caller is there, whether they may publish and
     what each user has used; on a user's server, its link to the box service (or ``{"state": "off"}``)."""
@@ -395,6 +392,5 @@ REST_HANDLERS = [
     (r"/sage_nb/api/backends/?", BackendsHandler),
     (r"/sage_nb/api/gpus/?", GpusHandler),
     (r"/sage_nb/api/settings/?", SettingsHandler),
-    (r"/sage_nb/api/doctor/gpu/?", GpuDoctorHandler),
     (r"/sage_nb/api/box/?", BoxHandler),
 ]

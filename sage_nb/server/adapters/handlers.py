@@ -86,13 +86,7 @@ class AdaptersHandler(SageHandler):
         """Whether the load is for a shared engine: ``engine`` is none of this user's but one of the box's;
         or no engine is named and this user has no engine of their own with ``--lora``."""
         if engine is not None:
-            try:
-                await self.call(self.cp.registry.find, engine)
-                return False
-            except ApiError as e:
-                if e.status_code != 404:
-                    raise
-            return await self.link.find(engine) is not None
+            return await self.is_shared(engine)
         mine = await self.call(self.cp.engines)
         if any(e.get("lora") and e["state"] not in ENDED for e in mine):
             return False

@@ -13,21 +13,23 @@ from sage_nb.controlplane.adapters.uploads import may_use
 from ..handlers import ApiError
 
 
+def _adapters(router):
+    """Every adapter recorded on the service's ready or idle engines."""
+    index = router.index()
+    return (a for e in index.engines + index.idle for a in e.adapters)
+
+
 def unusable(router, caller) -> set[str]:
     """The names of adapters on the service's engines that ``caller`` may not use."""
-    index = router.index()
-    return {a["name"] for e in index.engines + index.idle for a in e.adapters
-            if not may_use(a, caller.username, caller.groups)}
+    return {a["name"] for a in _adapters(router) if not may_use(a, caller.username, caller.groups)}
 
 
 def refuse_unusable(router, model: str | None, caller) -> None:
     """A 403 with words when ``model`` names an adapter of another user that is not shared with ``caller``."""
     if not model:
         return
-    index = router.index()
-    for e in index.engines + index.idle:
-        for a in e.adapters:
-            if a["name"] == model and not may_use(a, caller.username, caller.groups):
-                raise ApiError(403, f"adapter {model!r} is {a['owner']}'s and not shared with {caller.username}: "
-                                    f"ask them to share it (%llm adapter load {model} PATH --share "
-                                    f"{caller.username})", error_type="permission_error", code="adapter_not_shared")
+    for a in _adapters(router):
+        if a["name"] == model and not may_use(a, caller.username, caller.groups):
+            raise ApiError(403, f"adapter {model!r} is {a['owner']}'s and not shared with {caller.username}: "
+                                f"ask them to share it (%llm adapter load {model} PATH --share "
+                                f"{caller.username})", error_type="permission_error", code="adapter_not_shared")

@@ -1,0 +1,1 @@
+"""REST for the GPU doctor (``sage_nb/api/doctor/gpu``)."""
